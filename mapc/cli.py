@@ -1,0 +1,164 @@
+"""The ``mapc`` command line.
+
+stdout carries results (a table and one final verdict line, or JSON with
+``--json``); logs and progress go to stderr. Exit codes: 0 ok, 1 a gate
+failed, 2 bad input (one line on stderr, no traceback).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+
+def fail(message: str) -> None:
+    click.echo(f"mapc: error: {message}", err=True)
+    sys.exit(2)
+
+
+class MapcGroup(click.Group):
+    """Turns UserError (and the PassError of a broken model) into one line and exit code 2."""
+
+    def invoke(self, ctx):
+        from passes import PassError
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            fail(str(e))
+        except PassError as e:
+            click.echo(f"mapc: pass failed: {e}", err=True)
+            sys.exit(1 if e.pass_name == "audit" else 2)
+        except click.exceptions.Exit:
+            raise
+        except KeyboardInterrupt:
+            fail("interrupted; nothing was written")
+
+
+@click.group(cls=MapcGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mapc")
+def main():
+    """mapc: compile a trained classifier into an ONNX artifact that works on its
+    authorized domain and is useless on unauthorized ones (MAP, mask pruning).
+
+    \b
+    Typical use:
+      mapc compile model.pt2 --authorized mnist=mnist.npz \\
+          --unauthorized svhn=svhn.npz -o build/
+      mapc passes                      # the compiler passes, in order
+    """
+
+
+@main.command("compile")
+@click.argument("model", required=False)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config; flags override it.")
+@click.option("--authorized", multiple=True, metavar="NAME=PATH",
+              help="Authorized domain: .npz (images, labels, split) or ImageFolder directory.")
+@click.option("--unauthorized", multiple=True, metavar="NAME=PATH",
+              help="Unauthorized domain to break; repeat for several.")
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
+              help="Output folder for protected.onnx and report.json (written atomically).")
+@click.option("--mode", type=click.Choice(["source-available", "source-free", "data-free"]),
+              help="Default: inferred from the data given.")
+@click.option("--arch", metavar="PKG.MODULE:FACTORY", help="Architecture factory for a state_dict model.")
+@click.option("--trust-pickle", is_flag=True, default=None,
+              help="Allow loading a fully pickled nn.Module (runs code from the file).")
+@click.option("--seed", type=int, help="Random seed (mask learning is deterministic for a seed on CPU).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to learn the mask.")
+@click.option("--granularity", type=click.Choice(["weight", "channel"]), help="Mask per weight or per output channel.")
+@click.option("--steps", type=int, help="Mask-learning steps.")
+@click.option("--input-size", type=int, nargs=2, metavar="H W", help="Model input size.")
+@click.option("--channels", type=click.Choice(["1", "3"]), help="Model input channels.")
+@click.option("--mean", type=str, metavar="M[,M,M]", help="Per-channel mean after scaling pixels to [0,1].")
+@click.option("--std", type=str, metavar="S[,S,S]", help="Per-channel std after scaling pixels to [0,1].")
+@click.option("--max-source-drop", type=float, help="Gate: authorized accuracy may drop at most this many points.")
+@click.option("--max-target-acc", type=float, help="Gate: every unauthorized domain at most this accuracy (%).")
+@click.option("--skip-pass", "skip_passes", multiple=True, metavar="NAME", help="Do not run this pass (see `mapc passes`).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch, trust_pickle, seed, device,
+                granularity, steps, input_size, channels, mean, std, max_source_drop, max_target_acc,
+                skip_passes, as_json, quiet):
+    """Learn a protection mask for MODEL and compile it into OUTDIR/protected.onnx.
+
+    MODEL is a torch.export program (.pt2), a TorchScript archive, a state_dict
+    (with --arch) or, with --trust-pickle only, a pickled nn.Module. Data given as
+    NAME=PATH: train rows teach the mask, test rows measure it with onnxruntime.
+    The unprotected model is never written to OUTDIR.
+
+    \b
+    Example (the bundled sample):
+      mapc compile --config samples/digits.toml -o build/digits
+    """
+    from dataclasses import replace
+
+    from .compile import compile_model
+    from .config import CompileConfig, load_config, validate
+    from .datasets import parse_spec
+    from .preprocess import Preprocess
+    from .report import table, verdict
+
+    cfg = load_config(config_path) if config_path else CompileConfig()
+    if model:
+        cfg.model = model
+    if authorized:
+        cfg.authorized = dict(parse_spec(s) for s in authorized)
+    if unauthorized:
+        cfg.unauthorized = dict(parse_spec(s) for s in unauthorized)
+    for k, v in {"mode": mode, "arch": arch, "trust_pickle": trust_pickle, "seed": seed, "device": device}.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    if skip_passes:
+        cfg.skip_passes = list(skip_passes)
+    if granularity:
+        cfg.mask = replace(cfg.mask, granularity=granularity)
+    if steps:
+        cfg.mask = replace(cfg.mask, steps=steps)
+    pre = cfg.preprocess
+    if input_size or channels or mean or std:
+        ch = int(channels) if channels else pre.channels
+        cfg.preprocess = Preprocess(size=tuple(input_size) if input_size else pre.size, channels=ch,
+                                    mean=_floats(mean, "--mean") if mean else (pre.mean if ch == pre.channels else (0.5,)),
+                                    std=_floats(std, "--std") if std else (pre.std if ch == pre.channels else (0.5,)))
+    if max_source_drop is not None:
+        cfg.gates.max_source_drop = max_source_drop
+    if max_target_acc is not None:
+        cfg.gates.max_target_acc = max_target_acc
+    validate(cfg, "command line")
+    report = compile_model(cfg, outdir, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(report, default=str))
+    else:
+        click.echo(table(report))
+        click.echo(f"artifact: {report['artifact']}")
+    click.echo(verdict(report))
+    sys.exit(0 if report["passed"] else 1)
+
+
+@main.command("passes")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def passes_cmd(as_json):
+    """List the compiler passes of the default pipeline, in the order they run."""
+    import passes
+
+    rows = passes.describe()
+    if as_json:
+        click.echo(json.dumps([{"name": n, "description": d} for n, d in rows]))
+        return
+    w = max(len(n) for n, _ in rows)
+    for i, (n, d) in enumerate(rows, 1):
+        click.echo(f"{i}. {n.ljust(w)}  {d}")
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated numbers such as 0.5,0.5,0.5")
+
+
+if __name__ == "__main__":
+    main()

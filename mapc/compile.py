@@ -1,0 +1,247 @@
+"""The compile job: frozen model + data -> protected ONNX artifact + report.
+
+Steps (each timed): load model and data -> learn the mask on train rows ->
+export the original model -> run the pass pipeline (fold masks, optimise,
+strip, seal, audit, check) -> measure original and protected with
+onnxruntime on test rows -> parity of artifact vs masked torch model ->
+write OUTDIR/protected.onnx and OUTDIR/report.json atomically.
+
+Invariant: the unprotected model is never written to OUTDIR; the source
+model's weights are identical before and after (checked).
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import passes
+
+from . import __version__
+from .atomic import staged_dir
+from .config import CompileConfig
+from .datasets import Domain, load_domain
+from .errors import UserError
+from .evaluate import accuracy, latency_ms, run_logits, session, st_d, wilson_interval
+from .export import export_onnx
+from .masking import TrainData, learn_mask, masked_forward, split_validation
+from .models import load_model
+from .preprocess import apply
+from .report import REPORT_SCHEMA_VERSION, write_report_json
+
+ARTIFACT = "protected.onnx"
+REPORT = "report.json"
+
+
+def log(msg: str) -> None:
+    print(f"[mapc] {msg}", file=sys.stderr, flush=True)
+
+
+def torch_device(device: str) -> torch.device:
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: torch sees no CUDA device; install a CUDA build of torch or use --device cpu")
+        return torch.device("cuda")
+    if device == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def probe_classes(module: torch.nn.Module, input_shape: tuple[int, ...], model_path: str) -> int:
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(2, *input_shape))
+    except Exception as e:
+        raise UserError(f"{model_path}: the model does not run on a {(2, *input_shape)} input "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); set preprocess.size/channels")
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] < 2:
+        raise UserError(f"{model_path}: expected class logits of shape (batch, classes), got "
+                        f"{getattr(out, 'shape', type(out).__name__)}")
+    return int(out.shape[1])
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for n, t in sorted(module.state_dict().items()):
+        h.update(n.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Split:
+    x_train: np.ndarray
+    y_train: np.ndarray | None
+    x_test: np.ndarray
+    y_test: np.ndarray | None
+
+
+def prepare_domain(d: Domain, cfg: CompileConfig) -> Split:
+    tr, te = d.rows("train"), d.rows("test")
+    if len(tr) == 0 or len(te) == 0:
+        raise UserError(f"{d.path}: domain {d.name!r} has no {'train' if len(tr) == 0 else 'test'} rows in 'split'")
+    lab = d.labels
+    return Split(apply(cfg.preprocess, d.images[tr]), None if lab is None else lab[tr],
+                 apply(cfg.preprocess, d.images[te]), None if lab is None else lab[te])
+
+
+def predict(module: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([module(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True) -> dict:
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    mode = cfg.resolved_mode()
+    if mode != "source-available":
+        raise UserError(f"--mode {mode} is not available in this build yet; give --authorized and --unauthorized data")
+    if not cfg.authorized or not cfg.unauthorized:
+        raise UserError("--mode source-available needs --authorized NAME=PATH and at least one --unauthorized NAME=PATH")
+    if cfg.model is None:
+        raise UserError("no model given: pass MODEL or set model = \"...\" in the config")
+    device = torch_device(cfg.device)
+
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model, cfg.arch, cfg.trust_pickle)
+    module = loaded.module
+    num_classes = probe_classes(module, cfg.preprocess.input_shape, cfg.model)
+    fingerprint = weights_fingerprint(module)
+    domains = {n: load_domain(n, p, num_classes) for n, p in {**cfg.authorized, **cfg.unauthorized}.items()}
+    auth_name = next(iter(cfg.authorized))
+    for n, d in domains.items():
+        if d.labels is None and n == auth_name:
+            pass  # the frozen model's predictions stand in for labels while learning
+    splits = {n: prepare_domain(d, cfg) for n, d in domains.items()}
+    timings["load_seconds"] = time.perf_counter() - t0
+    log(f"model {Path(cfg.model).name} ({loaded.format}), {num_classes} classes; mode {mode}; "
+        f"authorized {auth_name}, unauthorized {', '.join(cfg.unauthorized)}; device {device}")
+
+    # --- learn the mask on train rows (a validation slice of them selects the mask) ---
+    t0 = time.perf_counter()
+    module.to(device)
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    def tensors(s: Split, name: str):
+        x = torch.from_numpy(s.x_train).to(device)
+        y = torch.from_numpy(s.y_train).to(device) if s.y_train is not None else predict(module, x).argmax(1)
+        return split_validation(x, y, cfg.mask.val_rows, rng)
+
+    (ax, ay), va = tensors(splits[auth_name], auth_name)
+    teacher = F.log_softmax(predict(module, ax), 1)
+    unauth, vunauth = [], []
+    for n in cfg.unauthorized:
+        tr, vv = tensors(splits[n], n)
+        unauth.append(tr)
+        vunauth.append(vv)
+    has_auth_labels = splits[auth_name].y_train is not None
+    data = TrainData(ax, ay if has_auth_labels else None, teacher, unauth, va, vunauth)
+    result = learn_mask(module, data, num_classes, cfg.mask, cfg.seed, device, progress=progress)
+    module.to("cpu")
+    timings["mask_seconds"] = time.perf_counter() - t0
+    if weights_fingerprint(module) != fingerprint:
+        raise RuntimeError("internal error: mask learning changed the frozen weights")
+    log(f"mask: {result.pruned_fraction() * 100:.1f} % of masked weights pruned "
+        f"(step {result.selected_step} selected) in {result.seconds:.1f} s")
+
+    # --- export the original, compile the protected artifact ---
+    original_onnx, timings["export_seconds"] = export_onnx(module, loaded.format, cfg.preprocess.input_shape)
+    params = dict(module.named_parameters())
+    originals = {n: params[n].detach().cpu().numpy().copy() for n in result.masks}
+    metadata = {
+        "version": __version__, "mode": mode,
+        "authorized": list(cfg.authorized), "unauthorized": list(cfg.unauthorized),
+        "preprocess": cfg.preprocess.to_dict(), "granularity": result.granularity,
+        "mask_sha256": passes.digest_arrays(result.masks),
+        "original_weights_sha256": fingerprint, "report_schema": REPORT_SCHEMA_VERSION,
+    }
+    t0 = time.perf_counter()
+    try:
+        protected, records = passes.run_pipeline(original_onnx, passes.default_pipeline(result.masks, originals, metadata),
+                                                 skip=cfg.skip_passes)
+    except ValueError as e:
+        raise UserError(f"--skip-pass: {e}")
+    timings["passes_seconds"] = time.perf_counter() - t0
+
+    # --- validate with onnxruntime on test rows ---
+    t0 = time.perf_counter()
+    ort_device = "cuda" if device.type == "cuda" else "cpu"
+    s_orig, s_prot = session(original_onnx, ort_device), session(protected, ort_device)
+    domain_rows = {}
+    agree, max_diff, parity_n = 0, 0.0, 0
+    for n, s in splits.items():
+        lo, lp = run_logits(s_orig, s.x_test), run_logits(s_prot, s.x_test)
+        labels = s.y_test if s.y_test is not None else lo.argmax(1)
+        ref = masked_forward(module, result.masks, s.x_test)
+        agree += int((ref.argmax(1) == lp.argmax(1)).sum())
+        max_diff = max(max_diff, float(np.abs(ref - lp).max()))
+        parity_n += len(lp)
+        ao, ap = accuracy(lo, labels), accuracy(lp, labels)
+        domain_rows[n] = {
+            "role": "authorized" if n == auth_name else "unauthorized",
+            "path": domains[n].path, "n_test": int(len(labels)), "labels": "given" if s.y_test is not None else "original model's predictions",
+            "split": "train/test" if domains[n].has_split else "none (train and test rows coincide)",
+            "original_acc": ao, "protected_acc": ap,
+            "original_ci95": wilson_interval(ao, len(labels)), "protected_ci95": wilson_interval(ap, len(labels)),
+            "drop": ao - ap,
+        }
+    src_drop = domain_rows[auth_name]["drop"]
+    for n in cfg.unauthorized:
+        domain_rows[n]["st_d"] = st_d(src_drop, domain_rows[n]["drop"])
+    timings["validate_seconds"] = time.perf_counter() - t0
+    shape = (256, *cfg.preprocess.input_shape)
+    lat_o, lat_p = latency_ms(s_orig, shape), latency_ms(s_prot, shape)
+
+    gates = evaluate_gates(cfg, domain_rows, auth_name)
+    timings["total_seconds"] = time.perf_counter() - t_all
+    report = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "tool": {"name": "mapc", "version": __version__, "torch": torch.__version__,
+                 "onnx": __import__("onnx").__version__, "onnxruntime": __import__("onnxruntime").__version__},
+        "command": "compile", "mode": mode, "seed": cfg.seed,
+        "model": {"path": str(cfg.model), "format": loaded.format, "num_classes": num_classes,
+                  "weights_sha256": fingerprint},
+        "preprocess": cfg.preprocess.to_dict(),
+        "providers": s_prot.get_providers(), "learning_device": str(device),
+        "domains": domain_rows, "source_drop": src_drop,
+        "max_unauthorized_acc": max(domain_rows[n]["protected_acc"] for n in cfg.unauthorized),
+        "parity": {"top1_agreement": agree / max(parity_n, 1) * 100, "max_abs_logit_diff": max_diff, "rows": parity_n},
+        "mask": {"granularity": result.granularity, "pruned_fraction": result.pruned_fraction(),
+                 "density": result.density(), "selected_step": result.selected_step, "config": vars(cfg.mask),
+                 "history": result.history},
+        "latency_ms_batch256": {"original": lat_o, "protected": lat_p, "ratio": lat_p / lat_o},
+        "passes": [r.to_dict() for r in records],
+        "timings": timings, "gates": gates, "passed": all(g["passed"] for g in gates),
+    }
+    outdir = Path(outdir)
+    with staged_dir(outdir) as stage:
+        (stage / ARTIFACT).write_bytes(protected.SerializeToString())
+        write_report_json(stage / REPORT, report)
+    report["artifact"] = str(outdir / ARTIFACT)
+    return report
+
+
+def evaluate_gates(cfg: CompileConfig, rows: dict, auth_name: str) -> list[dict]:
+    g = cfg.gates
+    out = []
+    if g.max_source_drop is not None:
+        v = rows[auth_name]["drop"]
+        out.append({"gate": "max_source_drop", "limit": g.max_source_drop, "value": v, "domain": auth_name,
+                    "passed": v <= g.max_source_drop})
+    for n, r in rows.items():
+        if r["role"] != "unauthorized":
+            continue
+        if g.max_target_acc is not None:
+            out.append({"gate": "max_target_acc", "limit": g.max_target_acc, "value": r["protected_acc"],
+                        "domain": n, "passed": r["protected_acc"] <= g.max_target_acc})
+        if g.min_target_drop is not None:
+            out.append({"gate": "min_target_drop", "limit": g.min_target_drop, "value": r["drop"],
+                        "domain": n, "passed": r["drop"] >= g.min_target_drop})
+    return out

@@ -1,0 +1,88 @@
+"""Measuring artifacts with onnxruntime.
+
+Invariant: every accuracy mapc reports for an artifact comes from an
+onnxruntime session over that artifact's bytes, on preprocessed test rows,
+and names the execution provider that actually ran
+(``session.get_providers()``; ``get_available_providers()`` lies on CPU
+machines with the GPU wheel).
+
+Metrics (see the README's definitions):
+    acc        = 100 * mean(argmax(logits) == label)
+    source drop ΔS = acc_orig(authorized) - acc_prot(authorized)         (points)
+    target drop ΔT = acc_orig(unauthorized) - acc_prot(unauthorized)     (points, per domain)
+    ST-D       = ΔS / ΔT, reported only where ΔT > 0 (lower is better)
+    95 % CI    = Wilson score interval on the accuracy
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import UserError
+
+
+def providers_for(device: str) -> list[str]:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise UserError("--device cuda: this onnxruntime has no CUDA provider; install onnxruntime-gpu "
+                            "or use --device cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+
+
+def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # a failed CUDA load is reported via get_providers(), not the console
+    if threads:
+        opts.intra_op_num_threads = threads
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    try:
+        return ort.InferenceSession(data, sess_options=opts, providers=providers_for(device))
+    except Exception as e:
+        if device == "cuda":
+            raise UserError(f"onnxruntime could not start CUDA ({' '.join(str(e).split())[:160]}); use --device cpu")
+        raise
+
+
+def run_logits(sess: ort.InferenceSession, x: np.ndarray, batch: int = 512) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean() * 100.0)
+
+
+def wilson_interval(acc_percent: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval, in percent."""
+    if n == 0:
+        return (0.0, 100.0)
+    p = acc_percent / 100.0
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, (centre - half) * 100), min(100.0, (centre + half) * 100))
+
+
+def st_d(source_drop: float, target_drop: float) -> float | None:
+    return source_drop / target_drop if target_drop > 0 else None
+
+
+def latency_ms(sess: ort.InferenceSession, shape: tuple[int, ...], repeats: int = 10) -> float:
+    """Median wall time of one run at ``shape`` (after one warm-up), in milliseconds."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    name = sess.get_inputs()[0].name
+    sess.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))

@@ -1,0 +1,312 @@
+"""Learning a binary mask over frozen weights (MAP).
+
+For every maskable weight W0 (Conv/Linear weights: parameters named
+``*.weight`` with two or more dimensions, minus the excluded ones) we keep a
+real score tensor S of the mask's shape (W0's shape per weight, ``[out, 1, ...]``
+per output channel) and use the binary mask M = 1[S > 0]:
+
+    forward:   W_eff = W0 * M                         (exactly binary, always)
+    backward:  dL/dS = sum_broadcast(dL/dW_eff * W0) * sigmoid'(S / T) / T
+
+(a straight-through estimator whose surrogate is a sigmoid of temperature T).
+The effective weight is written into the module's own parameter before each
+forward, so one mechanism serves plain modules, TorchScript archives and
+torch.export programs alike; W0 is restored when learning ends. Nothing but
+S is optimised: BatchNorm statistics, biases and the weights themselves never
+change (modules stay in eval mode).
+
+Objective on a step with an authorized batch (xa, ya) and unauthorized
+batches xu_k (labels yu_k, or the frozen model's predictions without them):
+
+    L = CE(f_M(xa), ya) + KL(f_s(xa) || f_M(xa))
+      + lambda(t) * mean_k [ CE(f_M(xu_k), uniform) + beta * softplus(z_y - max_{j != y} z_j + m) ]
+
+lambda ramps linearly from 0 to ``target_weight`` over ``ramp_steps``. The
+uniform term drives outputs toward chance; the margin term makes sure the
+true class does not stay on top of a near-uniform output (what accuracy
+measures). Without authorized labels the CE term is dropped.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class MaskConfig:
+    granularity: str = "weight"          # "weight" or "channel"
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    mask_classifier: bool = False        # the final classifier is left unmasked by default
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 0.03
+    score_init: float = 2.0
+    temperature: float = 1.0
+    target_weight: float = 2.0
+    margin_weight: float = 1.0
+    margin: float = 1.0
+    ramp_steps: int = 100
+    kl_weight: float = 1.0
+    source_weight: float = 1.0
+    cosine_lr: bool = True
+    optimizer: str = "sgd"               # "adam", or "sgd": momentum SGD on per-tensor RMS-normalised gradients
+    eval_every: int = 50
+    val_rows: int = 500                  # held out of each domain's train rows for mask selection
+    source_budget: float = 1.0           # points of validation source drop a selected mask may cost
+
+    def __post_init__(self):
+        from .errors import UserError
+        if self.granularity not in ("weight", "channel"):
+            raise UserError(f"mask.granularity must be 'weight' or 'channel', got {self.granularity!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0:
+            raise UserError("mask.steps, mask.batch_size, mask.lr and mask.temperature must be positive")
+
+
+@dataclass
+class MaskedParam:
+    name: str
+    param: torch.nn.Parameter
+    original: torch.Tensor      # W0, a private copy
+    score: torch.Tensor         # leaf tensor optimised by Adam
+
+    def mask(self) -> torch.Tensor:
+        return (self.score > 0).to(self.original.dtype)
+
+
+@dataclass
+class MaskResult:
+    masks: dict[str, np.ndarray]         # torch parameter name -> {0,1} array of the weight's shape
+    granularity: str
+    history: list[dict]
+    seconds: float
+    selected_step: int = -1
+
+    def density(self) -> dict[str, float]:
+        return {k: float(m.mean()) for k, m in self.masks.items()}
+
+    def pruned_fraction(self) -> float:
+        total = sum(m.size for m in self.masks.values())
+        return float(sum(m.size - m.sum() for m in self.masks.values()) / max(total, 1))
+
+
+def maskable_names(module: torch.nn.Module, num_classes: int, cfg: MaskConfig) -> list[str]:
+    """Conv/Linear weights selected by include/exclude; the final classifier is excluded by default.
+
+    The classifier is the last registered weight whose first dimension equals
+    the number of classes.
+    """
+    from .errors import UserError
+    weights = [n for n, p in module.named_parameters() if n.endswith("weight") and p.ndim >= 2]
+    if not weights:
+        raise UserError("the model has no Conv or Linear weights to mask")
+    shapes = dict((n, p.shape) for n, p in module.named_parameters())
+    classifier = [n for n in weights if shapes[n][0] == num_classes]
+    excluded = set()
+    if classifier and not cfg.mask_classifier:
+        excluded.add(classifier[-1])
+    chosen = [n for n in weights
+              if any(fnmatch.fnmatchcase(n, pat) for pat in cfg.include)
+              and not any(fnmatch.fnmatchcase(n, pat) for pat in cfg.exclude)
+              and n not in excluded]
+    if not chosen:
+        raise UserError(f"mask.include/exclude select no layer; maskable weights are {weights}")
+    return chosen
+
+
+def prepare(module: torch.nn.Module, names: list[str], cfg: MaskConfig, device: torch.device) -> list[MaskedParam]:
+    params = dict(module.named_parameters())
+    for p in module.parameters():
+        p.requires_grad_(False)
+    out = []
+    for n in names:
+        p = params[n]
+        p.requires_grad_(True)
+        shape = p.shape if cfg.granularity == "weight" else (p.shape[0],) + (1,) * (p.ndim - 1)
+        score = torch.full(shape, cfg.score_init, dtype=torch.float32, device=device, requires_grad=True)
+        out.append(MaskedParam(n, p, p.detach().clone(), score))
+    return out
+
+
+def apply_masks(masked: list[MaskedParam]) -> None:
+    with torch.no_grad():
+        for m in masked:
+            m.param.copy_(m.original * m.mask())
+
+
+def restore(masked: list[MaskedParam]) -> None:
+    with torch.no_grad():
+        for m in masked:
+            m.param.copy_(m.original)
+            m.param.requires_grad_(False)
+
+
+def backprop_scores(masked: list[MaskedParam], temperature: float) -> None:
+    """Chain dL/dW_eff to the scores through the sigmoid surrogate."""
+    for m in masked:
+        g = m.param.grad
+        if g is None:
+            m.score.grad = torch.zeros_like(m.score)
+            continue
+        s = torch.sigmoid(m.score / temperature)
+        surrogate = s * (1 - s) / temperature
+        gw = g * m.original
+        if gw.shape != m.score.shape:
+            gw = gw.sum(dim=tuple(range(1, gw.ndim)), keepdim=True)
+        m.score.grad = gw * surrogate
+        m.param.grad = None
+
+
+def uniform_ce(logits: torch.Tensor) -> torch.Tensor:
+    return -F.log_softmax(logits, 1).mean(1).mean()
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
+    """softplus(z_y - max_{j != y} z_j + margin): pushes the true class off the top."""
+    zy = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+    return F.softplus(zy - others + margin).mean()
+
+
+@dataclass
+class TrainData:
+    """Preprocessed train rows on the learning device."""
+    auth_x: torch.Tensor
+    auth_y: torch.Tensor | None
+    auth_teacher: torch.Tensor           # frozen model's log-probabilities on auth_x
+    unauth: list[tuple[torch.Tensor, torch.Tensor]]  # (x, labels or pseudo-labels)
+    val_auth: tuple[torch.Tensor, torch.Tensor] | None = None      # (x, labels or teacher labels)
+    val_unauth: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, rng: np.random.Generator):
+    """Hold ``n_val`` rows (at most a quarter) out of the train rows for mask selection."""
+    n_val = min(n_val, len(x) // 4)
+    order = torch.from_numpy(rng.permutation(len(x)))
+    va, tr = order[:n_val], order[n_val:]
+    return (x[tr], y[tr]), (x[va], y[va])
+
+
+def _accuracy(module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
+    with torch.no_grad():
+        pred = torch.cat([module(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    return float((pred == y).float().mean() * 100)
+
+
+def selection_key(src_drop: float, unauth_acc: list[float], budget: float) -> tuple:
+    """Lower is better: feasible masks (drop within budget) by worst unauthorized accuracy, then by drop."""
+    worst = max(unauth_acc) if unauth_acc else 0.0
+    if src_drop <= budget:
+        return (0, worst, src_drop)
+    return (1, src_drop, worst)
+
+
+def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: MaskConfig,
+               seed: int, device: torch.device, progress: bool = True) -> MaskResult:
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    names = maskable_names(module, num_classes, cfg)
+    masked = prepare(module, names, cfg, device)
+    scores = [m.score for m in masked]
+    opt = (torch.optim.Adam(scores, lr=cfg.lr) if cfg.optimizer == "adam"
+           else torch.optim.SGD(scores, lr=cfg.lr, momentum=0.9))
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps, eta_min=cfg.lr * 0.05)
+             if cfg.cosine_lr else None)
+    history: list[dict] = []
+    selected = None  # (key, step, masks)
+    base_val = None
+    if data.val_auth is not None:
+        base_val = _accuracy(module, *data.val_auth)
+    t0 = time.perf_counter()
+    bs = cfg.batch_size
+    try:
+        bar = tqdm(range(cfg.steps), desc="mask", file=sys.stderr, disable=not progress, leave=False,
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
+        for step in bar:
+            lam = cfg.target_weight * min(1.0, (step + 1) / max(cfg.ramp_steps, 1))
+            ia = torch.from_numpy(rng.integers(0, len(data.auth_x), bs)).to(device)
+            xs = [data.auth_x[ia]]
+            ys = []
+            for ux, uy in data.unauth:
+                iu = torch.from_numpy(rng.integers(0, len(ux), bs)).to(device)
+                xs.append(ux[iu])
+                ys.append(uy[iu])
+            apply_masks(masked)
+            logits = module(torch.cat(xs))
+            za = logits[:bs]
+            logp = F.log_softmax(za, 1)
+            loss_src = cfg.kl_weight * F.kl_div(logp, data.auth_teacher[ia], log_target=True, reduction="batchmean")
+            if data.auth_y is not None:
+                loss_src = loss_src + F.cross_entropy(za, data.auth_y[ia])
+            loss_tgt = torch.zeros((), device=device)
+            for k, yk in enumerate(ys):
+                zu = logits[bs * (k + 1): bs * (k + 2)]
+                loss_tgt = loss_tgt + uniform_ce(zu) - math.log(num_classes)
+                if cfg.margin_weight > 0:
+                    loss_tgt = loss_tgt + cfg.margin_weight * margin_loss(zu, yk, cfg.margin)
+            loss_tgt = loss_tgt / max(len(ys), 1)
+            loss = cfg.source_weight * loss_src + lam * loss_tgt
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            backprop_scores(masked, cfg.temperature)
+            if cfg.optimizer == "sgd":
+                for sc in scores:
+                    sc.grad /= sc.grad.pow(2).mean().sqrt() + 1e-12
+            opt.step()
+            if sched is not None:
+                sched.step()
+            last = step == cfg.steps - 1
+            if base_val is not None and step >= cfg.ramp_steps and (step % cfg.eval_every == 0 or last):
+                apply_masks(masked)
+                drop = base_val - _accuracy(module, *data.val_auth)
+                accs = [_accuracy(module, x, y) for x, y in data.val_unauth]
+                key = selection_key(drop, accs, cfg.source_budget)
+                history.append({"step": step, "val_source_drop": drop, "val_unauthorized_acc": accs})
+                if selected is None or key < selected[0]:
+                    selected = (key, step, {m.name: m.mask().clone() for m in masked})
+            if step % 20 == 0 or step == cfg.steps - 1:
+                with torch.no_grad():
+                    kept = sum(float(m.mask().sum()) for m in masked) / sum(m.original.numel() if cfg.granularity == "weight" else m.score.numel() for m in masked)
+                    acc_a = float((za.argmax(1) == (data.auth_y[ia] if data.auth_y is not None else data.auth_teacher[ia].argmax(1))).float().mean())
+                    acc_u = [float((logits[bs * (k + 1): bs * (k + 2)].argmax(1) == yk).float().mean()) for k, yk in enumerate(ys)]
+                history.append({"step": step, "loss_source": loss_src.item(), "loss_target": loss_tgt.item(),
+                                "lambda": lam, "kept": kept, "batch_acc_authorized": acc_a,
+                                "batch_acc_unauthorized": acc_u})
+                bar.set_postfix(src=f"{float(loss_src):.3f}", tgt=f"{float(loss_tgt):.3f}", kept=f"{kept:.3f}")
+        with torch.no_grad():
+            masks = {}
+            chosen = selected[2] if selected is not None else {m.name: m.mask() for m in masked}
+            for m in masked:
+                full = chosen[m.name].expand_as(m.original) if cfg.granularity == "channel" else chosen[m.name]
+                masks[m.name] = full.detach().cpu().numpy().astype(np.uint8).copy()
+    finally:
+        restore(masked)
+    return MaskResult(masks, cfg.granularity, history, time.perf_counter() - t0,
+                      selected_step=selected[1] if selected is not None else cfg.steps - 1)
+
+
+def masked_forward(module: torch.nn.Module, masks: dict[str, np.ndarray], x: np.ndarray,
+                   batch: int = 512) -> np.ndarray:
+    """Logits of the masked model (parity reference for the artifact); weights restored afterwards."""
+    params = dict(module.named_parameters())
+    saved = {n: params[n].detach().clone() for n in masks}
+    try:
+        with torch.no_grad():
+            for n, m in masks.items():
+                params[n].copy_(saved[n] * torch.from_numpy(m).to(saved[n].dtype).to(saved[n].device))
+            dev = next(module.parameters()).device
+            out = [module(torch.from_numpy(x[i:i + batch]).to(dev)).cpu() for i in range(0, len(x), batch)]
+    finally:
+        with torch.no_grad():
+            for n in masks:
+                params[n].copy_(saved[n])
+    return torch.cat(out).numpy()

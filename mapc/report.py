@@ -1,0 +1,80 @@
+"""Reports: report.json (versioned), the console table and the one-line verdict.
+
+report.json schema, version 1 (top-level keys; all accuracies in percent,
+drops in points):
+
+    schema_version   int, 1
+    tool             {name, version, torch, onnx, onnxruntime}
+    command, mode    "compile"; "source-available" | "source-free" | "data-free"
+    model            {path, format, num_classes, weights_sha256}
+    preprocess       {size, channels, mean, std}
+    providers        onnxruntime execution providers that actually ran
+    domains          {NAME: {role, path, n_test, labels, split, original_acc, protected_acc,
+                             original_ci95, protected_ci95, drop, st_d (unauthorized only)}}
+    source_drop, max_unauthorized_acc
+    parity           {top1_agreement, max_abs_logit_diff, rows}: artifact vs masked torch model
+    mask             {granularity, pruned_fraction, density {param: kept fraction}, selected_step,
+                      config, history}
+    latency_ms_batch256 {original, protected, ratio}
+    passes           [{name, changed, seconds, nodes_before, nodes_after,
+                       initializer_bytes_before, initializer_bytes_after, details}]
+    timings          {load_seconds, mask_seconds, export_seconds, passes_seconds,
+                      validate_seconds, total_seconds}
+    gates            [{gate, limit, value, domain, passed}]
+    passed           bool
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def _clean(o):
+    if isinstance(o, float):
+        return None if math.isnan(o) or math.isinf(o) else round(o, 6)
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if hasattr(o, "item"):
+        return _clean(o.item())
+    return o
+
+
+def write_report_json(path: Path, report: dict) -> None:
+    Path(path).write_text(json.dumps(_clean(report), indent=2, sort_keys=False) + "\n")
+
+
+def table(report: dict) -> str:
+    rows = [("domain", "role", "n", "original", "protected", "drop", "ST-D")]
+    for name, d in report["domains"].items():
+        std = d.get("st_d")
+        rows.append((name, d["role"], str(d["n_test"]), f"{d['original_acc']:.1f} %", f"{d['protected_acc']:.1f} %",
+                     f"{d['drop']:+.1f}", "-" if std is None else f"{std:.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    t = report["timings"]
+    p = report["parity"]
+    lines.append("")
+    lines.append(f"parity (artifact vs masked torch): top-1 agreement {p['top1_agreement']:.2f} %, "
+                 f"max |logit diff| {p['max_abs_logit_diff']:.2e} over {p['rows']} test rows")
+    lines.append(f"mask: {report['mask']['granularity']}, {report['mask']['pruned_fraction'] * 100:.1f} % pruned; "
+                 f"latency batch 256: {report['latency_ms_batch256']['original']:.1f} -> "
+                 f"{report['latency_ms_batch256']['protected']:.1f} ms (ratio {report['latency_ms_batch256']['ratio']:.2f})")
+    lines.append(f"time: mask {t['mask_seconds']:.1f} s, export {t['export_seconds']:.1f} s, "
+                 f"passes {t['passes_seconds']:.1f} s, validate {t['validate_seconds']:.1f} s, "
+                 f"total {t['total_seconds']:.1f} s; providers {','.join(report['providers'])}")
+    return "\n".join(lines)
+
+
+def verdict(report: dict) -> str:
+    failed = [f"{g['gate']}[{g['domain']}]={g['value']:.1f} (limit {g['limit']:g})" for g in report["gates"] if not g["passed"]]
+    summary = (f"source drop {report['source_drop']:+.1f} pts | max unauthorized acc "
+               f"{report['max_unauthorized_acc']:.1f} % | {report['mode']}")
+    if failed:
+        return f"FAILED | {', '.join(failed)} | {summary}"
+    return f"PASSED | {summary}"

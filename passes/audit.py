@@ -1,0 +1,88 @@
+"""audit: prove the artifact carries the protection and nothing it must not.
+
+Fails the pipeline (PassError) when:
+- a masked position of a masked weight holds a non-zero (the weight is found
+  by its parameter name, else by its mask pattern: an initializer of the
+  same shape, or transposed shape, whose masked positions are all zero);
+- any initializer equals an original weight that has masked positions
+  (the unprotected weight is shipped), directly or transposed;
+- a tensor or node that looks like a mask or a pre-mask copy remains
+  (``*mask*``, ``*_orig``), or a Mul reads such a tensor;
+- a doc string or metadata value holds an absolute file path or a traceback.
+Invariant: the model is not changed.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .base import PassError, PassResult
+
+LEAK = re.compile(r"(^|[\s\"'(=])(/(home|root|tmp|usr|opt|work|Users|var)/|[A-Za-z]:\\\\)|Traceback \(most recent")
+
+
+def _strings(model: onnx.ModelProto):
+    yield model.doc_string
+    for p in model.metadata_props:
+        yield p.value
+    g = model.graph
+    yield g.doc_string
+    for n in g.node:
+        yield n.doc_string
+        for p in n.metadata_props:
+            yield p.value
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.STRING:
+                yield a.s.decode(errors="replace")
+
+
+class Audit:
+    name = "audit"
+    description = "fail if a masked position is non-zero, an unmasked original weight or mask remains, or paths leak"
+
+    def __init__(self, masks: dict[str, np.ndarray], originals: dict[str, np.ndarray]):
+        self.masks = masks
+        self.originals = originals
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        problems = []
+        checked = {}
+        for key, mask in self.masks.items():
+            zeros = mask == 0
+            if not zeros.any():
+                continue
+            if key in arrays and arrays[key].shape == mask.shape:
+                cands = [(key, arrays[key])]
+            else:
+                cands = [(n, a if a.shape == mask.shape else a.T) for n, a in arrays.items()
+                         if a.shape == mask.shape or (a.ndim == 2 and a.shape == mask.T.shape)]
+                cands = [(n, a) for n, a in cands if not np.any(a[zeros])]
+            if not cands:
+                problems.append(f"weight {key!r} not found with its masked positions at zero")
+                continue
+            for n, a in cands:
+                nz = int(np.count_nonzero(a[zeros]))
+                if nz:
+                    problems.append(f"{n} (parameter {key!r}) holds {nz} non-zeros at masked positions")
+            checked[key] = [n for n, _ in cands]
+            orig = self.originals.get(key)
+            if orig is not None:
+                for n, a in arrays.items():
+                    if (a.shape == orig.shape and np.array_equal(a, orig)) or \
+                            (orig.ndim == 2 and a.shape == orig.T.shape and np.array_equal(a, orig.T)):
+                        problems.append(f"initializer {n} equals the unmasked original of {key!r}")
+        for t in model.graph.initializer:
+            low = t.name.lower()
+            if "mask" in low or low.endswith("_orig"):
+                problems.append(f"initializer {t.name!r} looks like a mask or a pre-mask copy")
+        for s in _strings(model):
+            if s and LEAK.search(s):
+                problems.append(f"a string in the model leaks a path or traceback: {s[:60]!r}")
+                break
+        if problems:
+            raise PassError(self.name, "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
+        return PassResult(model, False, {"masked_weights_checked": checked})
