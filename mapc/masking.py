@@ -21,7 +21,7 @@ batches xu_k (labels yu_k, or the frozen model's predictions without them):
     L = CE(f_M(xa), ya) + KL(f_s(xa) || f_M(xa))
       + lambda(t) * mean_k [ CE(f_M(xu_k), uniform) + beta * softplus(z_y - max_{j != y} z_j + m) ]
 
-lambda ramps linearly from 0 to ``target_weight`` over ``ramp_steps``. The
+lambda ramps linearly from 0 to ``target_weight`` over ``ramp_steps`` (at most a third of the steps). The
 uniform term drives outputs toward chance; the margin term makes sure the
 true class does not stay on top of a near-uniform output (what accuracy
 measures). Without authorized labels the CE term is dropped.
@@ -53,6 +53,8 @@ class MaskConfig:
     target_weight: float = 2.0
     margin_weight: float = 1.0
     margin: float = 1.0
+    margin_fn: str = "softplus"          # "softplus" keeps pushing; "hinge" stops once the true class is `margin` below
+    adaptive_domains: bool = False       # weight each unauthorized domain by its current batch accuracy
     ramp_steps: int = 100
     kl_weight: float = 1.0
     source_weight: float = 1.0
@@ -168,11 +170,12 @@ def uniform_ce(logits: torch.Tensor) -> torch.Tensor:
     return -F.log_softmax(logits, 1).mean(1).mean()
 
 
-def margin_loss(logits: torch.Tensor, y: torch.Tensor, margin: float) -> torch.Tensor:
-    """softplus(z_y - max_{j != y} z_j + margin): pushes the true class off the top."""
+def margin_loss(logits: torch.Tensor, y: torch.Tensor, margin: float, fn: str = "softplus") -> torch.Tensor:
+    """softplus (or hinge) of z_y - max_{j != y} z_j + margin: pushes the true class off the top."""
     zy = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
-    return F.softplus(zy - others + margin).mean()
+    gap = zy - others + margin
+    return (F.relu(gap) if fn == "hinge" else F.softplus(gap)).mean()
 
 
 @dataclass
@@ -228,11 +231,12 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
         base_val = _accuracy(module, *data.val_auth)
     t0 = time.perf_counter()
     bs = cfg.batch_size
+    ramp = max(1, min(cfg.ramp_steps, cfg.steps // 3))
     try:
         bar = tqdm(range(cfg.steps), desc="mask", file=sys.stderr, disable=not progress, leave=False,
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
         for step in bar:
-            lam = cfg.target_weight * min(1.0, (step + 1) / max(cfg.ramp_steps, 1))
+            lam = cfg.target_weight * min(1.0, (step + 1) / ramp)
             ia = torch.from_numpy(rng.integers(0, len(data.auth_x), bs)).to(device)
             xs = [data.auth_x[ia]]
             ys = []
@@ -248,12 +252,21 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
             if data.auth_y is not None:
                 loss_src = loss_src + F.cross_entropy(za, data.auth_y[ia])
             loss_tgt = torch.zeros((), device=device)
+            per_domain = []
             for k, yk in enumerate(ys):
                 zu = logits[bs * (k + 1): bs * (k + 2)]
-                loss_tgt = loss_tgt + uniform_ce(zu) - math.log(num_classes)
+                lk = uniform_ce(zu) - math.log(num_classes)
                 if cfg.margin_weight > 0:
-                    loss_tgt = loss_tgt + cfg.margin_weight * margin_loss(zu, yk, cfg.margin)
-            loss_tgt = loss_tgt / max(len(ys), 1)
+                    lk = lk + cfg.margin_weight * margin_loss(zu, yk, cfg.margin, cfg.margin_fn)
+                per_domain.append(lk)
+            if per_domain:
+                weights = torch.ones(len(per_domain), device=device)
+                if cfg.adaptive_domains:
+                    with torch.no_grad():
+                        accs = torch.stack([(logits[bs * (k + 1): bs * (k + 2)].argmax(1) == yk).float().mean()
+                                            for k, yk in enumerate(ys)]) + 1.0 / num_classes
+                        weights = accs / accs.mean()
+                loss_tgt = (torch.stack(per_domain) * weights).mean()
             loss = cfg.source_weight * loss_src + lam * loss_tgt
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -265,7 +278,7 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
             if sched is not None:
                 sched.step()
             last = step == cfg.steps - 1
-            if base_val is not None and step >= cfg.ramp_steps and (step % cfg.eval_every == 0 or last):
+            if base_val is not None and step >= ramp and (step % cfg.eval_every == 0 or last):
                 apply_masks(masked)
                 drop = base_val - _accuracy(module, *data.val_auth)
                 accs = [_accuracy(module, x, y) for x, y in data.val_unauth]
@@ -281,7 +294,7 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
                 history.append({"step": step, "loss_source": loss_src.item(), "loss_target": loss_tgt.item(),
                                 "lambda": lam, "kept": kept, "batch_acc_authorized": acc_a,
                                 "batch_acc_unauthorized": acc_u})
-                bar.set_postfix(src=f"{float(loss_src):.3f}", tgt=f"{float(loss_tgt):.3f}", kept=f"{kept:.3f}")
+                bar.set_postfix(src=f"{loss_src.item():.3f}", tgt=f"{loss_tgt.item():.3f}", kept=f"{kept:.3f}")
         with torch.no_grad():
             masks = {}
             chosen = selected[2] if selected is not None else {m.name: m.mask() for m in masked}

@@ -1,0 +1,86 @@
+"""Mask learning: binary masks, frozen weights, determinism, granularity, every model format."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mapc.masking import MaskConfig, TrainData, learn_mask, maskable_names, masked_forward
+from mapc.models import load_model
+from tests.tiny_models import plain, residual
+
+CFG = MaskConfig(steps=40, batch_size=16, eval_every=10, val_rows=32)
+
+
+def toy_data(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xa = torch.randn(96, 3, 16, 16, generator=g)
+    xu = torch.randn(96, 3, 16, 16, generator=g) * 2 + 1
+    with torch.no_grad():
+        ta = F.log_softmax(module(xa), 1)
+        yu = module(xu).argmax(1)
+    ya = ta.argmax(1)
+    return TrainData(xa[:64], ya[:64], ta[:64], [(xu[:64], yu[:64])], (xa[64:], ya[64:]), [(xu[64:], yu[64:])])
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("factory", [residual, plain])
+def test_mask_is_binary_and_frozen_weights_unchanged(factory):
+    m = factory()
+    before = snapshot(m)
+    res = learn_mask(m, toy_data(m), 10, CFG, seed=0, device=torch.device("cpu"), progress=False)
+    after = snapshot(m)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{k} changed"
+    assert all(not p.requires_grad for p in m.parameters())
+    for name, mask in res.masks.items():
+        assert set(np.unique(mask)) <= {0, 1} and mask.dtype == np.uint8
+        assert mask.shape == dict(m.named_parameters())[name].shape
+    assert res.pruned_fraction() > 0, "the target term never pruned anything"
+
+
+def test_classifier_is_excluded_by_default_and_include_exclude_work():
+    m = plain()
+    assert maskable_names(m, 10, MaskConfig()) == ["conv.weight", "fc1.weight"]
+    assert "fc2.weight" in maskable_names(m, 10, MaskConfig(mask_classifier=True))
+    assert maskable_names(m, 10, MaskConfig(exclude=["conv.*"])) == ["fc1.weight"]
+
+
+def test_deterministic_for_a_seed_on_cpu():
+    runs = []
+    for _ in range(2):
+        m = residual()
+        runs.append(learn_mask(m, toy_data(m), 10, CFG, seed=3, device=torch.device("cpu"), progress=False).masks)
+    assert runs[0].keys() == runs[1].keys()
+    for k in runs[0]:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k])
+
+
+def test_channel_granularity_masks_whole_output_channels():
+    m = residual()
+    cfg = MaskConfig(**{**CFG.__dict__, "granularity": "channel", "lr": 0.3})
+    res = learn_mask(m, toy_data(m), 10, cfg, seed=0, device=torch.device("cpu"), progress=False)
+    for mask in res.masks.values():
+        per_channel = mask.reshape(mask.shape[0], -1)
+        assert np.all(per_channel.min(1) == per_channel.max(1))
+
+
+@pytest.mark.parametrize("fmt", ["export", "torchscript", "state_dict"])
+def test_every_model_format_learns_and_masked_forward_matches_manual_masking(tiny_models, fmt):
+    loaded = load_model(tiny_models["residual"][fmt], arch="tests.tiny_models:residual")
+    m = loaded.module
+    res = learn_mask(m, toy_data(m), 10, CFG, seed=0, device=torch.device("cpu"), progress=False)
+    x = np.random.default_rng(1).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    got = masked_forward(m, res.masks, x)
+    ref_model = residual()
+    with torch.no_grad():
+        for n, p in ref_model.named_parameters():
+            if n in res.masks:
+                p.mul_(torch.from_numpy(res.masks[n]).float())
+        ref = ref_model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
