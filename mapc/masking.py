@@ -55,6 +55,8 @@ class MaskConfig:
     margin: float = 1.0
     margin_fn: str = "softplus"          # "softplus" keeps pushing; "hinge" stops once the true class is `margin` below
     adaptive_domains: bool = False       # weight each unauthorized domain by its current batch accuracy
+    source_jitter: int = 0               # random translation (pixels) of authorized batches; teacher re-run on them
+    density_weight: float = 0.0          # penalty on the pruned fraction (keeps the mask as dense as it can)
     ramp_steps: int = 100
     kl_weight: float = 1.0
     source_weight: float = 1.0
@@ -143,6 +145,12 @@ def apply_masks(masked: list[MaskedParam]) -> None:
             m.param.copy_(m.original * m.mask())
 
 
+def restore_values(masked: list[MaskedParam]) -> None:
+    with torch.no_grad():
+        for m in masked:
+            m.param.copy_(m.original)
+
+
 def restore(masked: list[MaskedParam]) -> None:
     with torch.no_grad():
         for m in masked:
@@ -150,20 +158,35 @@ def restore(masked: list[MaskedParam]) -> None:
             m.param.requires_grad_(False)
 
 
+@torch.no_grad()
 def backprop_scores(masked: list[MaskedParam], temperature: float) -> None:
     """Chain dL/dW_eff to the scores through the sigmoid surrogate."""
     for m in masked:
         g = m.param.grad
         if g is None:
-            m.score.grad = torch.zeros_like(m.score)
+            if m.score.grad is None:
+                m.score.grad = torch.zeros_like(m.score)
             continue
         s = torch.sigmoid(m.score / temperature)
         surrogate = s * (1 - s) / temperature
         gw = g * m.original
         if gw.shape != m.score.shape:
             gw = gw.sum(dim=tuple(range(1, gw.ndim)), keepdim=True)
-        m.score.grad = gw * surrogate
+        direct = m.score.grad  # from terms on the scores themselves (density penalty)
+        m.score.grad = gw * surrogate if direct is None else gw * surrogate + direct
         m.param.grad = None
+
+
+def jitter(x: torch.Tensor, j: int, rng: np.random.Generator) -> torch.Tensor:
+    """Translate each image by a random offset in [-j, j] pixels (edge pixels replicated)."""
+    n, c, h, w = x.shape
+    xp = F.pad(x, (j, j, j, j), mode="replicate")
+    dy = torch.from_numpy(rng.integers(0, 2 * j + 1, n)).to(x.device)
+    dx = torch.from_numpy(rng.integers(0, 2 * j + 1, n)).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    return xp[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
+              rows, cols]
 
 
 def uniform_ce(logits: torch.Tensor) -> torch.Tensor:
@@ -238,7 +261,14 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
         for step in bar:
             lam = cfg.target_weight * min(1.0, (step + 1) / ramp)
             ia = torch.from_numpy(rng.integers(0, len(data.auth_x), bs)).to(device)
-            xs = [data.auth_x[ia]]
+            xa = data.auth_x[ia]
+            teacher = data.auth_teacher[ia]
+            if cfg.source_jitter > 0:
+                xa = jitter(xa, cfg.source_jitter, rng)
+                with torch.no_grad():
+                    restore_values(masked)
+                    teacher = F.log_softmax(module(xa), 1)
+            xs = [xa]
             ys = []
             for ux, uy in data.unauth:
                 iu = torch.from_numpy(rng.integers(0, len(ux), bs)).to(device)
@@ -248,7 +278,7 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
             logits = module(torch.cat(xs))
             za = logits[:bs]
             logp = F.log_softmax(za, 1)
-            loss_src = cfg.kl_weight * F.kl_div(logp, data.auth_teacher[ia], log_target=True, reduction="batchmean")
+            loss_src = cfg.kl_weight * F.kl_div(logp, teacher, log_target=True, reduction="batchmean")
             if data.auth_y is not None:
                 loss_src = loss_src + F.cross_entropy(za, data.auth_y[ia])
             loss_tgt = torch.zeros((), device=device)
@@ -268,6 +298,9 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
                         weights = accs / accs.mean()
                 loss_tgt = (torch.stack(per_domain) * weights).mean()
             loss = cfg.source_weight * loss_src + lam * loss_tgt
+            if cfg.density_weight > 0:
+                pruned = torch.stack([torch.sigmoid(-m.score / cfg.temperature).mean() for m in masked]).mean()
+                loss = loss + cfg.density_weight * pruned
             opt.zero_grad(set_to_none=True)
             loss.backward()
             backprop_scores(masked, cfg.temperature)

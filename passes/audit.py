@@ -39,6 +39,25 @@ def _strings(model: onnx.ModelProto):
                 yield a.s.decode(errors="replace")
 
 
+def _check_stripped(key: str, a: np.ndarray, mask: np.ndarray) -> str | None:
+    """A weight that strip_dead_channels shrank: output channels removed (dim 0) and/or input slices (dim 1).
+
+    Removed output channels are the mask's all-zero rows, so when only dim 0
+    shrank the exact masked pattern of the kept rows is checked; when input
+    slices were removed too, the weight may hold no more non-zeros than the
+    mask allows.
+    """
+    if a.ndim != mask.ndim or any(x > y for x, y in zip(a.shape, mask.shape)) or a.shape[2:] != mask.shape[2:]:
+        return f"{key}: shape {a.shape} does not fit its mask {mask.shape}"
+    if int(np.count_nonzero(a)) > int(mask.sum()):
+        return f"{key}: {np.count_nonzero(a)} non-zeros but its mask keeps only {int(mask.sum())}"
+    if a.shape[1:] == mask.shape[1:]:
+        live = mask.reshape(mask.shape[0], -1).any(1)
+        if live.sum() == a.shape[0] and np.any(a[mask[live] == 0]):
+            return f"{key}: non-zeros at masked positions of its kept channels"
+    return None
+
+
 class Audit:
     name = "audit"
     description = "fail if a masked position is non-zero, an unmasked original weight or mask remains, or paths leak"
@@ -54,6 +73,12 @@ class Audit:
         for key, mask in self.masks.items():
             zeros = mask == 0
             if not zeros.any():
+                continue
+            if key in arrays and arrays[key].shape != mask.shape:
+                problem = _check_stripped(key, arrays[key], mask)
+                if problem:
+                    problems.append(problem)
+                checked[key] = [key]
                 continue
             if key in arrays and arrays[key].shape == mask.shape:
                 cands = [(key, arrays[key])]

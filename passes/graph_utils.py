@@ -73,3 +73,16 @@ def remove_unused_initializers(graph: onnx.GraphProto) -> list[str]:
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return dead
+
+
+def remove_dead_nodes(graph: onnx.GraphProto) -> int:
+    """Drop nodes none of whose outputs is read by another node or is a graph output."""
+    removed = 0
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            return removed
+        for n in dead:
+            graph.node.remove(n)
+        removed += len(dead)

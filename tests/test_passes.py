@@ -236,3 +236,72 @@ def test_run_pipeline_records_and_skips_and_leaves_input_untouched():
     assert "check" not in [r.name for r in skipped]
     with pytest.raises(ValueError, match="cannot skip"):
         run_pipeline(m, pipeline, skip=["nope"])
+
+
+from passes import StripDeadChannels  # noqa: E402
+
+CONV_CHAIN = HEADER + """
+g (float[N, 2, 8, 8] x) => (float[N, 5] y) {
+    a = Conv <pads = [PADS]> (x, c1_weight, c1_bias)
+    r = Relu (a)
+    p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r)
+    b = Conv <pads = [PADS2]> (p, c2_weight, c2_bias)
+    r2 = Relu (b)
+    f = Flatten <axis = 1> (r2)
+    y = Gemm <transB = 1> (f, fc_weight, fc_bias)
+}"""
+
+
+def chain_model(pads, pads2, dead1, dead2, bias_sign=1.0):
+    size2 = 4 if pads2 == "1, 1, 1, 1" else 2
+    w1 = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    w1[dead1] = 0
+    w2 = rng.standard_normal((3, 4, 3, 3)).astype(np.float32)
+    w2[dead2] = 0
+    text = CONV_CHAIN.replace("[PADS]", f"[{pads}]").replace("[PADS2]", f"[{pads2}]")
+    return make(text, c1_weight=w1, c1_bias=(bias_sign * np.abs(rng.standard_normal(4))).astype(np.float32),
+                c2_weight=w2, c2_bias=rng.standard_normal(3).astype(np.float32),
+                fc_weight=rng.standard_normal((5, 3 * size2 * size2)).astype(np.float32),
+                fc_bias=rng.standard_normal(5).astype(np.float32))
+
+
+@pytest.mark.parametrize("pads2,bias_sign,expect_c1", [
+    ("0, 0, 0, 0", 1.0, 2),    # unpadded consumer absorbs the dead channels' non-zero constants
+    ("1, 1, 1, 1", 1.0, 0),    # padded consumer: non-zero constants cannot be absorbed, channels kept
+    ("1, 1, 1, 1", -1.0, 2),   # relu(negative bias) = 0: removable even before a padded Conv
+])
+def test_strip_dead_channels_is_equivalent(pads2, bias_sign, expect_c1):
+    m = chain_model("1, 1, 1, 1", pads2, dead1=[1, 3], dead2=[2], bias_sign=bias_sign)
+    x = rng.standard_normal((3, 2, 8, 8)).astype(np.float32)
+    before = run(m, x=x)[0]
+    res = StripDeadChannels()(m)
+    arrays = inits(res.model)
+    assert arrays["c1_weight"].shape[0] == 4 - expect_c1
+    assert arrays["c2_weight"].shape == (2, 4 - expect_c1, 3, 3)   # dead channel 2 of c2 stripped too
+    assert arrays["fc_weight"].shape[1] == 2 * (arrays["fc_weight"].shape[1] // 2)
+    np.testing.assert_allclose(run(res.model, x=x)[0], before, rtol=RTOL, atol=1e-5)
+    Check()(res.model)
+
+
+def test_strip_dead_channels_keeps_channels_that_reach_a_residual_add():
+    text = HEADER + """
+g (float[N, 2, 4, 4] x) => (float[N, 2, 4, 4] y) {
+    a = Conv (x, c_weight, c_bias)
+    y = Add (a, x)
+}"""
+    w = rng.standard_normal((2, 2, 1, 1)).astype(np.float32)
+    w[0] = 0
+    m = make(text, c_weight=w, c_bias=np.ones(2, np.float32))
+    assert not StripDeadChannels()(m).changed
+
+
+def test_strip_dead_channels_then_audit_accepts_shrunk_weights():
+    m = chain_model("1, 1, 1, 1", "0, 0, 0, 0", dead1=[], dead2=[])
+    w = inits(m)
+    mask1 = np.ones((4, 2, 3, 3), np.uint8)
+    mask1[[0, 2]] = 0
+    masks = {"c1_weight": mask1}
+    originals = {"c1_weight": w["c1_weight"]}
+    out, records = run_pipeline(m, [FoldMasks(masks, originals), StripDeadChannels(), Audit(masks, originals), Check()])
+    assert records[1].changed and records[1].initializer_bytes_after < records[1].initializer_bytes_before
+    assert inits(out)["c1_weight"].shape[0] == 2

@@ -1,0 +1,144 @@
+"""The default pass pipeline on exported torch models: the artifact equals the masked torch model.
+
+Architectures cover residual Add, Concat, depthwise and grouped Conv, Linear after Flatten,
+a weight shared by two layers, bias present and absent, and every channel of a layer masked.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+from onnx import numpy_helper
+
+import passes
+from mapc.export import export_onnx
+from mapc.masking import masked_forward
+
+
+class ResidualConcat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)          # depthwise
+        self.gc = nn.Conv2d(16, 8, 1, groups=2, bias=False)       # grouped, after Concat
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)))
+        y = y + self.b(y)                                          # residual Add
+        z = torch.cat([y, self.dw(y)], 1)                          # Concat
+        z = nn.functional.max_pool2d(torch.relu(self.gc(z)), 2)
+        return self.fc(z.flatten(1))                               # Linear after Flatten
+
+
+class SharedLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.l1 = nn.Linear(4, 4, bias=False)
+        self.l2 = self.l1                                          # one weight, two uses
+        self.out = nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = self.conv(x).mean(dim=(2, 3))
+        return self.out(torch.relu(self.l2(torch.relu(self.l1(h)))))
+
+
+class Stem(nn.Module):
+    """Conv-BN-ReLU-pool-Flatten-Linear: channels of conv2 can be stripped into the Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        y = nn.functional.max_pool2d(torch.relu(self.bn2(self.c2(y))), 2)
+        return self.fc(torch.flatten(y, 1))
+
+
+def randomize_bn(m: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+            mod.weight.data.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+            mod.bias.data.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+    return m.eval()
+
+
+def make_masks(m: nn.Module, kind: str, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    seen = set()
+    for n, p in m.named_parameters():
+        if not n.endswith("weight") or p.ndim < 2 or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if kind == "weight":
+            mask = (rng.random(p.shape) > 0.4)
+        elif kind == "channel":
+            keep = rng.random(p.shape[0]) > 0.4
+            mask = np.broadcast_to(keep.reshape(-1, *([1] * (p.ndim - 1))), p.shape)
+        else:  # "all": every channel of the first layer masked
+            mask = np.zeros(p.shape, bool) if not out else np.ones(p.shape, bool)
+        out[n] = mask.astype(np.uint8).copy()
+    return out
+
+
+def compile_and_compare(module: nn.Module, masks, shape=(3, 16, 16), fmt="export"):
+    params = dict(module.named_parameters())
+    originals = {n: params[n].detach().numpy().copy() for n in masks}
+    onx, _ = export_onnx(module, fmt, shape)
+    out, records = passes.run_pipeline(onx, passes.default_pipeline(masks, originals, {"mode": "test"}))
+    x = np.random.default_rng(1).standard_normal((5, *shape)).astype(np.float32)
+    sess = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    ref = masked_forward(module, masks, x)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    assert not [n for n in out.graph.node if n.op_type in ("Mul", "BatchNormalization")]
+    return out, {r.name: r for r in records}
+
+
+@pytest.mark.parametrize("kind", ["weight", "channel", "all"])
+@pytest.mark.parametrize("factory", [ResidualConcat, SharedLinear, Stem])
+def test_pipeline_matches_masked_torch(factory, kind):
+    torch.manual_seed(0)
+    m = randomize_bn(factory())
+    compile_and_compare(m, make_masks(m, kind), shape=(3, 8, 8) if factory is not ResidualConcat else (3, 8, 8))
+
+
+def test_shared_weight_is_masked_once_and_shipped_once():
+    torch.manual_seed(0)
+    m = SharedLinear().eval()
+    masks = make_masks(m, "weight")
+    assert "l1.weight" in masks and "l2.weight" not in masks
+    out, records = compile_and_compare(m, masks, shape=(3, 8, 8))
+    weights = [numpy_helper.to_array(t) for t in out.graph.initializer if tuple(t.dims) == (4, 4)]
+    assert len(weights) == 1
+
+
+def test_channel_masks_shrink_the_artifact():
+    torch.manual_seed(0)
+    m = randomize_bn(Stem())
+    masks = make_masks(m, "channel", seed=3)
+    out, records = compile_and_compare(m, masks, shape=(3, 8, 8))
+    strip = records["strip_dead_channels"]
+    assert strip.changed and strip.initializer_bytes_after < strip.initializer_bytes_before
+    assert "c2.weight" in strip.details["channels_removed"]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript"])
+def test_pipeline_on_torchscript_export(fmt):
+    torch.manual_seed(0)
+    m = randomize_bn(Stem())
+    masks = make_masks(m, "weight")
+    compile_and_compare(torch.jit.script(m), masks, shape=(3, 8, 8), fmt=fmt)
