@@ -138,6 +138,72 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
     sys.exit(0 if report["passed"] else 1)
 
 
+@main.command("verify")
+@click.argument("artifact")
+@click.option("--authorized", multiple=True, metavar="NAME=PATH", help="Authorized domain (labelled).")
+@click.option("--unauthorized", multiple=True, metavar="NAME=PATH", help="Unauthorized domain (labelled); repeatable.")
+@click.option("--baseline", metavar="ORIGINAL", help="The unprotected model: .onnx or any format `mapc compile` takes.")
+@click.option("--arch", metavar="PKG.MODULE:FACTORY", help="Architecture for a state_dict baseline.")
+@click.option("--trust-pickle", is_flag=True, help="Allow a fully pickled baseline (runs code from the file).")
+@click.option("--max-source-drop", type=float, metavar="PTS", help="Gate: authorized accuracy drop vs baseline, at most PTS.")
+@click.option("--max-target-acc", type=float, metavar="PCT", help="Gate: every unauthorized accuracy at most PCT %.")
+@click.option("--min-target-drop", type=float, metavar="PTS", help="Gate: every unauthorized drop vs baseline at least PTS.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write report.json here, with report.md and report.html beside it.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="onnxruntime execution provider; the report names the one that actually ran.")
+@click.option("--input-size", type=int, nargs=2, metavar="H W", help="Override the sealed input size.")
+@click.option("--channels", type=click.Choice(["1", "3"]), help="Override the sealed channel count.")
+@click.option("--mean", type=str, metavar="M[,M,M]", help="Override the sealed mean.")
+@click.option("--std", type=str, metavar="S[,S,S]", help="Override the sealed std.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (then the verdict line).")
+def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle, max_source_drop, max_target_acc,
+               min_target_drop, report_path, provider, input_size, channels, mean, std, as_json):
+    """Measure ARTIFACT with onnxruntime on labelled data and check release gates.
+
+    Preprocessing is read from the artifact's sealed metadata (flags override).
+    Exit 0 when every gate holds, 1 when any fails (the verdict names which),
+    2 on bad input. The last stdout line is the verdict.
+
+    \b
+    Example (gate a release in CI):
+      mapc verify build/digits/protected.onnx --baseline samples/models/digits_cnn.pt2 \\
+          --authorized mnist=samples/digits/mnist.npz --unauthorized syn=samples/digits/syn.npz \\
+          --max-source-drop 1.0 --max-target-acc 20 --report build/verify/report.json
+    """
+    from .datasets import parse_spec
+    from .verify import VerifyGates, VerifyRequest, sealed_metadata, load_artifact, verify
+    from .report import verify_table, verdict, write_reports
+
+    pre = None
+    if input_size or channels or mean or std:
+        from .preprocess import Preprocess, preprocess_from
+        meta = sealed_metadata(load_artifact(artifact)).get("mapc.preprocess", {})
+        base = preprocess_from(meta) if meta else Preprocess()
+        ch = int(channels) if channels else base.channels
+        pre = Preprocess(size=tuple(input_size) if input_size else base.size, channels=ch,
+                         mean=_floats(mean, "--mean") if mean else (base.mean if ch == base.channels else (0.5,)),
+                         std=_floats(std, "--std") if std else (base.std if ch == base.channels else (0.5,)))
+    req = VerifyRequest(artifact=artifact, authorized=dict(parse_spec(s) for s in authorized),
+                        unauthorized=dict(parse_spec(s) for s in unauthorized), baseline=baseline,
+                        gates=VerifyGates(max_source_drop, max_target_acc, min_target_drop), provider=provider,
+                        preprocess=pre, arch=arch, trust_pickle=trust_pickle)
+    overlap = set(req.authorized) & set(req.unauthorized)
+    if overlap:
+        raise UserError(f"domain names used as both authorized and unauthorized: {sorted(overlap)}")
+    report = verify(req)
+    examples = report.pop("_examples")
+    line = verdict(report)
+    if report_path:
+        write_reports(report_path, report, line, examples)
+    if as_json:
+        click.echo(json.dumps(report, default=str))
+    else:
+        click.echo(verify_table(report))
+    click.echo(line)
+    sys.exit(0 if report["passed"] else 1)
+
+
 @main.command("passes")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def passes_cmd(as_json):

@@ -33,7 +33,8 @@ from .export import export_onnx
 from .masking import TrainData, learn_mask, masked_forward, split_validation
 from .models import load_model
 from .preprocess import apply
-from .report import REPORT_SCHEMA_VERSION, write_report_json
+from .human_report import html_report, markdown
+from .report import REPORT_SCHEMA_VERSION, verdict, write_report_json
 
 ARTIFACT = "protected.onnx"
 REPORT = "report.json"
@@ -96,7 +97,8 @@ def predict(module: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torc
         return torch.cat([module(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True) -> dict:
+def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
+                  external_threshold: int = passes.PROTOBUF_LIMIT) -> dict:
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     mode = cfg.resolved_mode()
@@ -162,6 +164,9 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True)
         "mask_sha256": passes.digest_arrays(result.masks),
         "original_weights_sha256": fingerprint, "report_schema": REPORT_SCHEMA_VERSION,
     }
+    # the baseline is the original graph optimised like the artifact, minus the mask:
+    # accuracy and latency ratios then measure the protection, not the optimiser
+    baseline, _ = passes.run_pipeline(original_onnx, [passes.FoldConstants(), passes.FoldBatchNorm()])
     t0 = time.perf_counter()
     try:
         protected, records = passes.run_pipeline(original_onnx, passes.default_pipeline(result.masks, originals, metadata),
@@ -173,8 +178,8 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True)
     # --- validate with onnxruntime on test rows ---
     t0 = time.perf_counter()
     ort_device = "cuda" if device.type == "cuda" else "cpu"
-    s_orig, s_prot = session(original_onnx, ort_device), session(protected, ort_device)
-    domain_rows = {}
+    s_orig, s_prot = session(baseline, ort_device), session(protected, ort_device)
+    domain_rows, examples = {}, {}
     agree, max_diff, parity_n = 0, 0.0, 0
     for n, s in splits.items():
         lo, lp = run_logits(s_orig, s.x_test), run_logits(s_prot, s.x_test)
@@ -184,6 +189,9 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True)
         max_diff = max(max_diff, float(np.abs(ref - lp).max()))
         parity_n += len(lp)
         ao, ap = accuracy(lo, labels), accuracy(lp, labels)
+        te_rows = domains[n].rows("test")[:6]
+        examples[n] = {"images": domains[n].images[te_rows], "labels": labels[:6].tolist(),
+                       "predictions": lp[:6].argmax(1).tolist()}
         domain_rows[n] = {
             "role": "authorized" if n == auth_name else "unauthorized",
             "path": domains[n].path, "n_test": int(len(labels)), "labels": "given" if s.y_test is not None else "original model's predictions",
@@ -222,8 +230,12 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True)
     }
     outdir = Path(outdir)
     with staged_dir(outdir) as stage:
-        (stage / ARTIFACT).write_bytes(protected.SerializeToString())
+        written = passes.save_model(protected, stage / ARTIFACT, external_threshold)
+        report["artifact_files"] = [p.name for p in written]
         write_report_json(stage / REPORT, report)
+        line = verdict(report)
+        (stage / "report.md").write_text(markdown(report, line))
+        (stage / "report.html").write_text(html_report(report, line, examples))
     report["artifact"] = str(outdir / ARTIFACT)
     return report
 

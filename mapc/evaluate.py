@@ -43,8 +43,13 @@ def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: 
     if threads:
         opts.intra_op_num_threads = threads
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    providers = providers_for(device)
+    if device == "auto":
+        # the GPU wheel lists CUDA even where its libraries are missing; a failed load then falls
+        # back to CPU with a console error. Keep the console quiet; get_providers() says what ran.
+        ort.set_default_logger_severity(4)
     try:
-        return ort.InferenceSession(data, sess_options=opts, providers=providers_for(device))
+        return ort.InferenceSession(data, sess_options=opts, providers=providers)
     except Exception as e:
         if device == "cuda":
             raise UserError(f"onnxruntime could not start CUDA ({' '.join(str(e).split())[:160]}); use --device cpu")

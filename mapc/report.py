@@ -72,9 +72,43 @@ def table(report: dict) -> str:
 
 
 def verdict(report: dict) -> str:
+    """One line: ``PASSED | summary`` or ``FAILED | <failed gates> | summary``."""
     failed = [f"{g['gate']}[{g['domain']}]={g['value']:.1f} (limit {g['limit']:g})" for g in report["gates"] if not g["passed"]]
-    summary = (f"source drop {report['source_drop']:+.1f} pts | max unauthorized acc "
-               f"{report['max_unauthorized_acc']:.1f} % | {report['mode']}")
+    parts = []
+    if report.get("source_drop") is not None:
+        parts.append(f"source drop {report['source_drop']:+.1f} pts")
+    if report.get("max_unauthorized_acc") is not None:
+        parts.append(f"max unauthorized acc {report['max_unauthorized_acc']:.1f} %")
+    parts.append(report.get("mode") or report["command"])
+    summary = " | ".join(parts)
     if failed:
         return f"FAILED | {', '.join(failed)} | {summary}"
     return f"PASSED | {summary}"
+
+
+def verify_table(report: dict) -> str:
+    rows = [("domain", "role", "n", "original", "protected", "95 % CI", "drop")]
+    for name, d in report["domains"].items():
+        lo, hi = d["protected_ci95"]
+        rows.append((name, d["role"], str(d["n"]), "-" if d.get("original_acc") is None else f"{d['original_acc']:.1f} %",
+                     f"{d['protected_acc']:.1f} %", f"{lo:.1f}-{hi:.1f}", "-" if d.get("drop") is None else f"{d['drop']:+.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"providers: {', '.join(report['providers'])}; artifact sha256 {report['artifact']['sha256'][:16]}...")
+    for g in report["gates"]:
+        lines.append(f"gate {g['gate']}[{g['domain']}]: {g['value']:.2f} vs {g['limit']:g} -> "
+                     f"{'pass' if g['passed'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def write_reports(json_path, report: dict, verdict_line: str, examples: dict | None = None) -> None:
+    """report.json at ``json_path``; report.md and report.html beside it; each written atomically."""
+    from .atomic import write_bytes_atomic
+    from .human_report import html_report, markdown
+
+    json_path = Path(json_path)
+    payload = dict(report, verdict=verdict_line)
+    write_bytes_atomic(json_path, (json.dumps(_clean(payload), indent=2) + "\n").encode())
+    write_bytes_atomic(json_path.with_suffix(".md"), markdown(report, verdict_line).encode())
+    write_bytes_atomic(json_path.with_suffix(".html"), html_report(report, verdict_line, examples).encode())

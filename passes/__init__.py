@@ -25,6 +25,7 @@ from .fold_batchnorm import FoldBatchNorm
 from .fold_constants import FoldConstants
 from .fold_masks import FoldMasks
 from .seal import Seal, digest_arrays, read_metadata
+from .serialize import PROTOBUF_LIMIT, save_model
 from .strip_dead_channels import StripDeadChannels
 from .strip_debug_info import StripDebugInfo
 
@@ -46,5 +47,5 @@ def describe() -> list[tuple[str, str]]:
 
 
 __all__ = ["Pass", "PassError", "PassRecord", "PassResult", "run_pipeline", "default_pipeline", "describe",
-           "REGISTRY", "DEFAULT_ORDER", "digest_arrays", "read_metadata", "FoldMasks", "FoldConstants",
+           "REGISTRY", "DEFAULT_ORDER", "save_model", "PROTOBUF_LIMIT", "digest_arrays", "read_metadata", "FoldMasks", "FoldConstants",
            "FoldBatchNorm", "StripDeadChannels", "StripDebugInfo", "Seal", "Audit", "Check"]

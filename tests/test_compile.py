@@ -40,7 +40,7 @@ def test_compile_tiny_model_end_to_end(tmp_path, tiny_models, small_domains, arc
     r = compile_cli(tiny_args(tiny_models[arch][fmt], small_domains, out, extra))
     assert r.exit_code == 0, r.output + r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith("PASSED |")
-    assert sorted(p.name for p in out.iterdir()) == ["protected.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["protected.onnx", "report.html", "report.json", "report.md"]
 
     model = onnx.load(out / "protected.onnx")
     onnx.checker.check_model(model, full_check=True)
@@ -120,3 +120,18 @@ def test_bundled_sample_compile_protects(tmp_path):
         assert d[n]["original_acc"] > 50, "the sample model must be worth protecting"
         assert d[n]["protected_acc"] < d[n]["original_acc"] - 40
     assert report["parity"]["top1_agreement"] == 100.0
+
+
+def test_big_artifact_path_writes_external_data(tmp_path, tiny_models, small_domains):
+    """The >2 GB code path, exercised with the threshold lowered to a few bytes."""
+    from mapc.compile import compile_model
+    from mapc.config import CompileConfig
+    from mapc.masking import MaskConfig
+    from mapc.preprocess import Preprocess
+    cfg = CompileConfig(model=str(tiny_models["residual"]["export"]), authorized={"mnist": str(small_domains["mnist"])},
+                        unauthorized={"syn": str(small_domains["syn"])}, preprocess=Preprocess(size=(16, 16)),
+                        mask=MaskConfig(steps=20))
+    report = compile_model(cfg, tmp_path / "out", progress=False, external_threshold=100)
+    assert report["artifact_files"] == ["protected.onnx", "protected.onnx.data"]
+    sess = ort.InferenceSession(str(tmp_path / "out" / "protected.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {sess.get_inputs()[0].name: np.zeros((2, 3, 16, 16), np.float32)})[0].shape == (2, 10)

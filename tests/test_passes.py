@@ -305,3 +305,16 @@ def test_strip_dead_channels_then_audit_accepts_shrunk_weights():
     out, records = run_pipeline(m, [FoldMasks(masks, originals), StripDeadChannels(), Audit(masks, originals), Check()])
     assert records[1].changed and records[1].initializer_bytes_after < records[1].initializer_bytes_before
     assert inits(out)["c1_weight"].shape[0] == 2
+
+
+def test_save_model_uses_external_data_past_the_threshold(tmp_path):
+    m = make(HEADER + "g (float[N, 64] x) => (float[N, 32] y) { y = Gemm <transB = 1> (x, w) }",
+             w=rng.standard_normal((32, 64)).astype(np.float32))
+    small = passes.save_model(m, tmp_path / "a.onnx")
+    assert [p.name for p in small] == ["a.onnx"]
+    files = passes.save_model(m, tmp_path / "b.onnx", external_threshold=64)
+    assert [p.name for p in files] == ["b.onnx", "b.onnx.data"]
+    assert (tmp_path / "b.onnx").stat().st_size < m.ByteSize()
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    s = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(s.run(None, {"x": x})[0], run(m, x=x)[0])

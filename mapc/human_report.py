@@ -1,0 +1,151 @@
+"""Human-readable reports: report.md (tables) and a single-file report.html.
+
+The HTML embeds every plot and image as a base64 PNG data URI, so the one
+file carries everything (no external assets, no network). Plots (matplotlib,
+Agg backend): accuracy per domain before and after, weight density per layer,
+and a few example images per domain with their label and prediction.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import numpy as np
+
+
+def _fmt(v, spec=".1f", suffix=""):
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def domain_rows(report: dict) -> list[dict]:
+    rows = []
+    for name, d in report["domains"].items():
+        rows.append({"domain": name, "role": d["role"], "n": d.get("n", d.get("n_test")),
+                     "original": d.get("original_acc"), "protected": d["protected_acc"],
+                     "ci": d.get("protected_ci95"), "drop": d.get("drop"), "st_d": d.get("st_d")})
+    return rows
+
+
+def markdown(report: dict, verdict_line: str) -> str:
+    lines = [f"# mapc {report['command']} report", "", f"**{verdict_line}**", "",
+             "| domain | role | n | original | protected (95 % CI) | drop (pts) | ST-D |",
+             "|---|---|---|---|---|---|---|"]
+    for r in domain_rows(report):
+        ci = r["ci"]
+        lines.append(f"| {r['domain']} | {r['role']} | {r['n']} | {_fmt(r['original'], '.1f', ' %')} | "
+                     f"{r['protected']:.1f} % ({ci[0]:.1f}-{ci[1]:.1f}) | {_fmt(r['drop'], '+.1f')} | "
+                     f"{_fmt(r['st_d'], '.3f')} |")
+    lines += ["", "## Gates", "", "| gate | domain | value | limit | outcome |", "|---|---|---|---|---|"]
+    for g in report["gates"]:
+        lines.append(f"| {g['gate']} | {g['domain']} | {g['value']:.2f} | {g['limit']:g} | "
+                     f"{'pass' if g['passed'] else '**FAIL**'} |")
+    if not report["gates"]:
+        lines.append("| (none requested) | | | | |")
+    dens = density_of(report)
+    if dens:
+        lines += ["", "## Weight density per layer", "", "| layer | kept (non-zero) |", "|---|---|"]
+        lines += [f"| {k} | {v * 100:.1f} % |" for k, v in dens.items()]
+    passes = pass_records(report)
+    if passes:
+        lines += ["", "## Compiler passes", "", "| pass | changed | seconds | nodes | initializer bytes |",
+                  "|---|---|---|---|---|"]
+        for p in passes:
+            lines.append(f"| {p['name']} | {p['changed']} | {p['seconds']:.3f} | {p['nodes_before']} -> "
+                         f"{p['nodes_after']} | {p['initializer_bytes_before']} -> {p['initializer_bytes_after']} |")
+    lines += ["", f"Execution providers: {', '.join(report.get('providers', []))}", ""]
+    return "\n".join(lines)
+
+
+def density_of(report: dict) -> dict[str, float]:
+    if "weight_density" in report:
+        return report["weight_density"]
+    return report.get("mask", {}).get("density", {})
+
+
+def pass_records(report: dict) -> list[dict]:
+    if "passes" in report:
+        return report["passes"]
+    return (report.get("compile") or {}).get("passes") or []
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(report: dict, examples: dict | None) -> dict[str, str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    rows = domain_rows(report)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    x = np.arange(len(rows))
+    if any(r["original"] is not None for r in rows):
+        ax.bar(x - 0.2, [r["original"] or 0 for r in rows], 0.4, label="original", color="#9aa5b1")
+    ax.bar(x + 0.2, [r["protected"] for r in rows], 0.4, label="protected", color="#c0392b")
+    ax.set_xticks(x, [f"{r['domain']}\n({r['role']})" for r in rows], fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    out["accuracy"] = _png(fig)
+
+    dens = density_of(report)
+    if dens:
+        fig, ax = plt.subplots(figsize=(6, 0.3 * len(dens) + 1))
+        names = list(dens)
+        ax.barh(np.arange(len(names)), [dens[n] * 100 for n in names], color="#2e86de")
+        ax.set_yticks(np.arange(len(names)), names, fontsize=7)
+        ax.set_xlabel("weights kept (%)")
+        ax.set_xlim(0, 100)
+        ax.invert_yaxis()
+        out["density"] = _png(fig)
+
+    if examples:
+        k = max(len(e["labels"]) for e in examples.values())
+        fig, axes = plt.subplots(len(examples), k, figsize=(1.1 * k, 1.25 * len(examples)), squeeze=False)
+        for i, (name, e) in enumerate(examples.items()):
+            for j in range(k):
+                a = axes[i][j]
+                a.axis("off")
+                if j < len(e["labels"]):
+                    img = np.asarray(e["images"][j])
+                    a.imshow(img, cmap="gray" if img.ndim == 2 else None)
+                    ok = e["labels"][j] == e["predictions"][j]
+                    a.set_title(f"{e['labels'][j]}->{e['predictions'][j]}", fontsize=7, color="green" if ok else "red")
+            axes[i][0].text(-0.3, 0.5, name, transform=axes[i][0].transAxes, ha="right", va="center", fontsize=8)
+        out["examples"] = _png(fig)
+    return out
+
+
+def html_report(report: dict, verdict_line: str, examples: dict | None = None) -> str:
+    imgs = plots(report, examples)
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{esc(r['domain'])}</td><td>{r['role']}</td><td>{r['n']}</td><td>{_fmt(r['original'], '.1f', ' %')}</td>"
+        f"<td>{r['protected']:.1f} %</td><td>{_fmt(r['drop'], '+.1f')}</td><td>{_fmt(r['st_d'], '.3f')}</td></tr>"
+        for r in domain_rows(report))
+    gates = "".join(
+        f"<tr><td>{g['gate']}</td><td>{esc(g['domain'])}</td><td>{g['value']:.2f}</td><td>{g['limit']:g}</td>"
+        f"<td class='{'ok' if g['passed'] else 'bad'}'>{'pass' if g['passed'] else 'FAIL'}</td></tr>"
+        for g in report["gates"]) or "<tr><td colspan=5>(none requested)</td></tr>"
+    figures = "".join(f"<figure><img alt='{k}' src='{v}'><figcaption>{k}</figcaption></figure>" for k, v in imgs.items())
+    status = "ok" if verdict_line.startswith("PASSED") else "bad"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>mapc {report['command']} report</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:right}}.ok{{color:#1e8449}}.bad{{color:#c0392b;font-weight:bold}}
+figure{{display:inline-block;margin:1em}}</style></head><body>
+<h1>mapc {report['command']} report</h1>
+<p class="{status}">{esc(verdict_line)}</p>
+<table><tr><th>domain</th><th>role</th><th>n</th><th>original</th><th>protected</th><th>drop</th><th>ST-D</th></tr>{rows}</table>
+<h2>Gates</h2><table><tr><th>gate</th><th>domain</th><th>value</th><th>limit</th><th>outcome</th></tr>{gates}</table>
+<h2>Plots</h2>{figures}
+<p>Execution providers: {esc(', '.join(report.get('providers', [])))}</p>
+</body></html>
+"""

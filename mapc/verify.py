@@ -1,0 +1,210 @@
+"""`mapc verify`: measure an artifact with onnxruntime and gate a release on it.
+
+Invariant: every number comes from onnxruntime sessions over the artifact (and
+the baseline) on labelled rows: the test rows when the data has a split, all
+rows otherwise. Preprocessing comes from the artifact's sealed metadata
+unless overridden. Gates that compare against the original (source drop,
+target drop) need ``--baseline``; asking for them without one is bad input.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from . import __version__
+from .datasets import Domain, load_domain
+from .errors import UserError
+from .evaluate import accuracy, run_logits, session, st_d, wilson_interval
+from .preprocess import Preprocess, apply, preprocess_from
+
+
+@dataclass
+class VerifyGates:
+    max_source_drop: float | None = None
+    max_target_acc: float | None = None
+    min_target_drop: float | None = None
+
+
+@dataclass
+class VerifyRequest:
+    artifact: str
+    authorized: dict[str, str]
+    unauthorized: dict[str, str]
+    baseline: str | None = None
+    gates: VerifyGates = field(default_factory=VerifyGates)
+    provider: str = "auto"
+    preprocess: Preprocess | None = None   # None: from the artifact's metadata
+    arch: str | None = None
+    trust_pickle: bool = False
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_artifact(path: str) -> onnx.ModelProto:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such artifact; pass the protected .onnx written by mapc compile")
+    try:
+        return onnx.load(str(p))
+    except Exception as e:
+        raise UserError(f"{p}: not a readable ONNX model ({type(e).__name__})")
+
+
+def sealed_metadata(model: onnx.ModelProto) -> dict:
+    from passes import read_metadata
+    return read_metadata(model)
+
+
+def weight_density(model: onnx.ModelProto) -> dict[str, float]:
+    """Fraction of non-zero entries of every weight tensor (2+ dims): the mask density the artifact carries."""
+    out = {}
+    for t in model.graph.initializer:
+        if len(t.dims) >= 2:
+            a = numpy_helper.to_array(t)
+            out[t.name] = float(np.count_nonzero(a) / max(a.size, 1))
+    return out
+
+
+def baseline_session(req: VerifyRequest, pre: Preprocess, provider: str):
+    """onnxruntime session for the baseline: an ONNX file, or any model format mapc compile accepts."""
+    p = Path(req.baseline)
+    if not p.is_file():
+        raise UserError(f"{p}: no such baseline model")
+    if p.suffix == ".onnx":
+        return session(str(p), provider), "onnx"
+    from .export import export_onnx
+    from .models import load_model
+    loaded = load_model(p, req.arch, req.trust_pickle)
+    model, _ = export_onnx(loaded.module, loaded.format, pre.input_shape)
+    return session(model, provider), loaded.format
+
+
+def eval_rows(d: Domain) -> np.ndarray:
+    if d.labels is None:
+        raise UserError(f"{d.path}: domain {d.name!r} has no labels; verification measures accuracy and needs them")
+    rows = d.rows("test")
+    if len(rows) == 0:
+        raise UserError(f"{d.path}: domain {d.name!r} has no test rows")
+    return rows
+
+
+def verify(req: VerifyRequest) -> dict:
+    t_all = time.perf_counter()
+    model = load_artifact(req.artifact)
+    meta = sealed_metadata(model)
+    if req.preprocess is not None:
+        pre = req.preprocess
+    elif "mapc.preprocess" in meta:
+        pre = preprocess_from(meta["mapc.preprocess"])
+    else:
+        raise UserError(f"{req.artifact}: carries no mapc.preprocess metadata; pass --input-size/--channels/--mean/--std")
+    if not req.authorized and not req.unauthorized:
+        raise UserError("give data to measure: --authorized NAME=PATH and/or --unauthorized NAME=PATH")
+    if len(req.authorized) > 1:
+        raise UserError("one --authorized domain at most")
+    needs_baseline = [g for g in ("max_source_drop", "min_target_drop") if getattr(req.gates, g) is not None]
+    if needs_baseline and req.baseline is None:
+        raise UserError(f"--{needs_baseline[0].replace('_', '-')} compares with the original: pass --baseline ORIGINAL")
+    if req.gates.max_source_drop is not None and not req.authorized:
+        raise UserError("--max-source-drop needs --authorized data")
+
+    s_prot = session(str(req.artifact), req.provider)
+    num_classes = int(s_prot.get_outputs()[0].shape[-1]) if isinstance(s_prot.get_outputs()[0].shape[-1], int) else None
+    s_base, base_format = (baseline_session(req, pre, req.provider) if req.baseline else (None, None))
+
+    roles = {**{n: "authorized" for n in req.authorized}, **{n: "unauthorized" for n in req.unauthorized}}
+    paths = {**req.authorized, **req.unauthorized}
+    domains, examples = {}, {}
+    for name, path in paths.items():
+        d = load_domain(name, path, num_classes)
+        rows = eval_rows(d)
+        x = apply(pre, d.images[rows])
+        y = d.labels[rows]
+        lp = run_logits(s_prot, x)
+        entry = {"role": roles[name], "path": str(path), "n": int(len(y)),
+                 "rows": "test" if d.has_split else "all (no split)",
+                 "protected_acc": accuracy(lp, y), "protected_ci95": wilson_interval(accuracy(lp, y), len(y))}
+        if s_base is not None:
+            lo = run_logits(s_base, x)
+            entry.update(original_acc=accuracy(lo, y), original_ci95=wilson_interval(accuracy(lo, y), len(y)))
+            entry["drop"] = entry["original_acc"] - entry["protected_acc"]
+        domains[name] = entry
+        k = min(6, len(rows))
+        examples[name] = {"images": d.images[rows[:k]], "labels": y[:k].tolist(),
+                          "predictions": lp[:k].argmax(1).tolist()}
+    src = next(iter(req.authorized), None)
+    source_drop = domains[src].get("drop") if src else None
+    for name, e in domains.items():
+        if e["role"] == "unauthorized" and source_drop is not None and "drop" in e:
+            e["st_d"] = st_d(source_drop, e["drop"])
+    gates = evaluate_gates(req.gates, domains, src)
+    report = {
+        "schema_version": 1,
+        "command": "verify",
+        "tool": tool_versions(),
+        "artifact": {"path": str(req.artifact), "sha256": sha256_file(req.artifact), "metadata": meta},
+        "baseline": None if req.baseline is None else {"path": str(req.baseline), "sha256": sha256_file(req.baseline),
+                                                       "format": base_format},
+        "providers": s_prot.get_providers(),
+        "preprocess": pre.to_dict(),
+        "domains": domains,
+        "source_drop": source_drop,
+        "max_unauthorized_acc": max((e["protected_acc"] for e in domains.values() if e["role"] == "unauthorized"),
+                                    default=None),
+        "weight_density": weight_density(model),
+        "gates": gates,
+        "passed": all(g["passed"] for g in gates),
+        "timings": {"total_seconds": time.perf_counter() - t_all},
+    }
+    compile_report = Path(req.artifact).with_name("report.json")
+    if compile_report.is_file():
+        import json
+        try:
+            c = json.loads(compile_report.read_text())
+            if c.get("command") == "compile":
+                report["compile"] = {"passes": c.get("passes"), "timings": c.get("timings"), "mask": {
+                    k: c.get("mask", {}).get(k) for k in ("granularity", "pruned_fraction", "density")}}
+        except ValueError:
+            pass
+    report["_examples"] = examples  # for the human reports only; not part of report.json
+    return report
+
+
+def tool_versions() -> dict:
+    import onnxruntime
+    out = {"name": "mapc", "version": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+           "numpy": np.__version__}
+    import sys
+    if "torch" in sys.modules:
+        out["torch"] = sys.modules["torch"].__version__
+    return out
+
+
+def evaluate_gates(g: VerifyGates, domains: dict, src: str | None) -> list[dict]:
+    out = []
+    if g.max_source_drop is not None and src is not None:
+        v = domains[src]["drop"]
+        out.append({"gate": "max_source_drop", "limit": g.max_source_drop, "value": v, "domain": src,
+                    "passed": v <= g.max_source_drop})
+    for n, e in domains.items():
+        if e["role"] != "unauthorized":
+            continue
+        if g.max_target_acc is not None:
+            out.append({"gate": "max_target_acc", "limit": g.max_target_acc, "value": e["protected_acc"], "domain": n,
+                        "passed": e["protected_acc"] <= g.max_target_acc})
+        if g.min_target_drop is not None:
+            out.append({"gate": "min_target_drop", "limit": g.min_target_drop, "value": e["drop"], "domain": n,
+                        "passed": e["drop"] >= g.min_target_drop})
+    return out
