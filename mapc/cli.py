@@ -78,7 +78,7 @@ def main():
 @click.option("--max-target-acc", type=float, help="Gate: every unauthorized domain at most this accuracy (%).")
 @click.option("--skip-pass", "skip_passes", multiple=True, metavar="NAME", help="Do not run this pass (see `mapc passes`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no log lines on stderr.")
 def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch, trust_pickle, seed, device,
                 granularity, steps, input_size, channels, mean, std, max_source_drop, max_target_acc,
                 skip_passes, as_json, quiet):

@@ -28,7 +28,7 @@ from .atomic import staged_dir
 from .config import CompileConfig
 from .datasets import Domain, load_domain
 from .errors import UserError
-from .evaluate import accuracy, latency_ms, run_logits, session, st_d, wilson_interval
+from .evaluate import accuracy, latency_pair_ms, run_logits, session, st_d, wilson_interval
 from .export import export_onnx
 from .masking import TrainData, learn_mask, masked_forward, split_validation
 from .models import load_model
@@ -100,12 +100,10 @@ def predict(module: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torc
 def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
                   external_threshold: int = passes.PROTOBUF_LIMIT) -> dict:
     timings: dict[str, float] = {}
+    say = log if progress else (lambda _msg: None)  # -q: neither progress bars nor log lines
     t_all = time.perf_counter()
     mode = cfg.resolved_mode()
-    if mode != "source-available":
-        raise UserError(f"--mode {mode} is not available in this build yet; give --authorized and --unauthorized data")
-    if not cfg.authorized or not cfg.unauthorized:
-        raise UserError("--mode source-available needs --authorized NAME=PATH and at least one --unauthorized NAME=PATH")
+    check_mode_data(mode, cfg)
     if cfg.model is None:
         raise UserError("no model given: pass MODEL or set model = \"...\" in the config")
     device = torch_device(cfg.device)
@@ -116,41 +114,59 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
     num_classes = probe_classes(module, cfg.preprocess.input_shape, cfg.model)
     fingerprint = weights_fingerprint(module)
     domains = {n: load_domain(n, p, num_classes) for n, p in {**cfg.authorized, **cfg.unauthorized}.items()}
-    auth_name = next(iter(cfg.authorized))
-    for n, d in domains.items():
-        if d.labels is None and n == auth_name:
-            pass  # the frozen model's predictions stand in for labels while learning
+    auth_name = next(iter(cfg.authorized), None)
     splits = {n: prepare_domain(d, cfg) for n, d in domains.items()}
     timings["load_seconds"] = time.perf_counter() - t0
-    log(f"model {Path(cfg.model).name} ({loaded.format}), {num_classes} classes; mode {mode}; "
-        f"authorized {auth_name}, unauthorized {', '.join(cfg.unauthorized)}; device {device}")
+    say(f"model {Path(cfg.model).name} ({loaded.format}), {num_classes} classes; mode {mode}; "
+        f"authorized {auth_name or '-'}, unauthorized {', '.join(cfg.unauthorized) or '-'}; device {device}")
 
-    # --- learn the mask on train rows (a validation slice of them selects the mask) ---
-    t0 = time.perf_counter()
+    # --- the data the mask learns from: real train rows, or synthesized (a validation slice selects the mask) ---
     module.to(device)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
+    synthesis_stats, synthetic_preview = None, None
 
-    def tensors(s: Split, name: str):
+    def tensors(s: Split):
         x = torch.from_numpy(s.x_train).to(device)
         y = torch.from_numpy(s.y_train).to(device) if s.y_train is not None else predict(module, x).argmax(1)
         return split_validation(x, y, cfg.mask.val_rows, rng)
 
-    (ax, ay), va = tensors(splits[auth_name], auth_name)
+    if mode == "source-available":
+        (ax, ay), va = tensors(splits[auth_name])
+        has_auth_labels = splits[auth_name].y_train is not None
+    else:
+        from .synthesis import invert
+        say(f"synthesizing {cfg.synthesis.images} pseudo-authorized images by model inversion")
+        sx, sy, synthesis_stats = invert(module, loaded.format, cfg.preprocess.input_shape, num_classes,
+                                         cfg.synthesis, cfg.seed, device, progress=progress)
+        timings["synthesis_seconds"] = synthesis_stats["seconds"]
+        say(f"synthesis: {synthesis_stats['seconds']:.1f} s; BN-statistics mismatch {synthesis_stats['bn_mismatch_synthetic']:.3f} "
+            f"(Gaussian noise: {synthesis_stats['bn_mismatch_noise']:.3f})")
+        synthetic_preview = sx[:32].cpu()
+        (ax, ay), va = split_validation(sx, sy, cfg.mask.val_rows, rng)
+        has_auth_labels = True
+    t0 = time.perf_counter()
     teacher = F.log_softmax(predict(module, ax), 1)
     unauth, vunauth = [], []
-    for n in cfg.unauthorized:
-        tr, vv = tensors(splits[n], n)
-        unauth.append(tr)
-        vunauth.append(vv)
-    has_auth_labels = splits[auth_name].y_train is not None
+    if mode == "data-free":
+        from .synthesis import neighbor_domains
+        pseudo_labels = ay  # the shifts keep the class content
+        for shifted in neighbor_domains(ax, cfg.seed, cfg.preprocess.mean, cfg.preprocess.std):
+            unauth.append((shifted, pseudo_labels))
+        for shifted in neighbor_domains(va[0], cfg.seed + 1, cfg.preprocess.mean, cfg.preprocess.std):
+            vunauth.append((shifted, va[1]))
+    else:
+        for n in cfg.unauthorized:
+            tr, vv = tensors(splits[n])
+            unauth.append(tr)
+            vunauth.append(vv)
     data = TrainData(ax, ay if has_auth_labels else None, teacher, unauth, va, vunauth)
     result = learn_mask(module, data, num_classes, cfg.mask, cfg.seed, device, progress=progress)
     module.to("cpu")
     timings["mask_seconds"] = time.perf_counter() - t0
     if weights_fingerprint(module) != fingerprint:
         raise RuntimeError("internal error: mask learning changed the frozen weights")
-    log(f"mask: {result.pruned_fraction() * 100:.1f} % of masked weights pruned "
+    say(f"mask: {result.pruned_fraction() * 100:.1f} % of masked weights pruned "
         f"(step {result.selected_step} selected) in {result.seconds:.1f} s")
 
     # --- export the original, compile the protected artifact ---
@@ -200,12 +216,12 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
             "original_ci95": wilson_interval(ao, len(labels)), "protected_ci95": wilson_interval(ap, len(labels)),
             "drop": ao - ap,
         }
-    src_drop = domain_rows[auth_name]["drop"]
+    src_drop = domain_rows[auth_name]["drop"] if auth_name else None
     for n in cfg.unauthorized:
-        domain_rows[n]["st_d"] = st_d(src_drop, domain_rows[n]["drop"])
+        domain_rows[n]["st_d"] = st_d(src_drop, domain_rows[n]["drop"]) if src_drop is not None else None
     timings["validate_seconds"] = time.perf_counter() - t0
     shape = (256, *cfg.preprocess.input_shape)
-    lat_o, lat_p = latency_ms(s_orig, shape), latency_ms(s_prot, shape)
+    lat_o, lat_p = latency_pair_ms(s_orig, s_prot, shape)
 
     gates = evaluate_gates(cfg, domain_rows, auth_name)
     timings["total_seconds"] = time.perf_counter() - t_all
@@ -219,7 +235,10 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
         "preprocess": cfg.preprocess.to_dict(),
         "providers": s_prot.get_providers(), "learning_device": str(device),
         "domains": domain_rows, "source_drop": src_drop,
-        "max_unauthorized_acc": max(domain_rows[n]["protected_acc"] for n in cfg.unauthorized),
+        "max_unauthorized_acc": max((domain_rows[n]["protected_acc"] for n in cfg.unauthorized), default=None),
+        "learned_from": {"authorized": "real train rows" if mode == "source-available" else "synthesized",
+                         "unauthorized": "synthesized neighbor domains" if mode == "data-free" else "real train rows"},
+        "synthesis": synthesis_stats,
         "parity": {"top1_agreement": agree / max(parity_n, 1) * 100, "max_abs_logit_diff": max_diff, "rows": parity_n},
         "mask": {"granularity": result.granularity, "pruned_fraction": result.pruned_fraction(),
                  "density": result.density(), "selected_step": result.selected_step, "config": vars(cfg.mask),
@@ -235,15 +254,35 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
         write_report_json(stage / REPORT, report)
         line = verdict(report)
         (stage / "report.md").write_text(markdown(report, line))
-        (stage / "report.html").write_text(html_report(report, line, examples))
+        (stage / "report.html").write_text(html_report(report, line, examples, synthetic_preview_images(
+            synthetic_preview, cfg)))
     report["artifact"] = str(outdir / ARTIFACT)
     return report
 
 
-def evaluate_gates(cfg: CompileConfig, rows: dict, auth_name: str) -> list[dict]:
+def synthetic_preview_images(x: torch.Tensor | None, cfg: CompileConfig) -> np.ndarray | None:
+    """Synthesized images back in uint8 pixel space, NxHxWxC, for the report grid."""
+    if x is None:
+        return None
+    mean = torch.tensor(cfg.preprocess.mean).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.preprocess.std).view(1, -1, 1, 1)
+    pix = ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return pix[..., 0] if pix.shape[-1] == 1 else pix
+
+
+def check_mode_data(mode: str, cfg: CompileConfig) -> None:
+    """Which data each mode learns from; data a mode does not learn from is used only to measure."""
+    if mode == "source-available" and (not cfg.authorized or not cfg.unauthorized):
+        raise UserError("--mode source-available needs --authorized NAME=PATH and at least one --unauthorized NAME=PATH")
+    if mode == "source-free" and not cfg.unauthorized:
+        raise UserError("--mode source-free needs at least one --unauthorized NAME=PATH (authorized data is "
+                        "synthesized; --authorized is then used only to measure)")
+
+
+def evaluate_gates(cfg: CompileConfig, rows: dict, auth_name: str | None) -> list[dict]:
     g = cfg.gates
     out = []
-    if g.max_source_drop is not None:
+    if g.max_source_drop is not None and auth_name is not None:
         v = rows[auth_name]["drop"]
         out.append({"gate": "max_source_drop", "limit": g.max_source_drop, "value": v, "domain": auth_name,
                     "passed": v <= g.max_source_drop})

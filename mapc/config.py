@@ -18,6 +18,7 @@ TOML layout::
     [unauthorized]  NAME = "path.npz"
     [mask]                                 # see mapc.masking.MaskConfig
     [gates]                                # max_source_drop, max_target_acc, min_target_drop
+    [synthesis]                            # source-free/data-free: see mapc.synthesis.SynthesisConfig
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .masking import MaskConfig
+from .synthesis import SynthesisConfig
 from .preprocess import Preprocess, preprocess_from
 
 MODES = ("source-available", "source-free", "data-free")
@@ -53,6 +55,7 @@ class CompileConfig:
     preprocess: Preprocess = field(default_factory=Preprocess)
     mask: MaskConfig = field(default_factory=MaskConfig)
     gates: Gates = field(default_factory=Gates)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     skip_passes: list[str] = field(default_factory=list)
 
     def resolved_mode(self) -> str:
@@ -64,8 +67,8 @@ class CompileConfig:
             return "source-free"
         if not self.authorized:
             return "data-free"
-        raise UserError("only authorized data given: add --unauthorized NAME=PATH (source-available), "
-                        "or drop the data and pass --mode data-free")
+        raise UserError("only authorized data given: add --unauthorized NAME=PATH (source-available), or pass "
+                        "--mode data-free to synthesize everything and use the data only to measure")
 
 
 def _table(cls, d: dict, where: str):
@@ -97,7 +100,7 @@ def load_config(path: str | Path) -> CompileConfig:
 
     top = {k: v for k, v in raw.items() if not isinstance(v, dict)}
     known_top = {"model", "arch", "trust_pickle", "mode", "seed", "device", "skip_passes"}
-    known_tables = {"preprocess", "authorized", "unauthorized", "mask", "gates"}
+    known_tables = {"preprocess", "authorized", "unauthorized", "mask", "gates", "synthesis"}
     unknown = (set(top) - known_top) | ({k for k, v in raw.items() if isinstance(v, dict)} - known_tables)
     if unknown:
         raise UserError(f"{p}: unknown keys {sorted(unknown)}; known: {sorted(known_top | known_tables)}")
@@ -110,6 +113,7 @@ def load_config(path: str | Path) -> CompileConfig:
         cfg.preprocess = preprocess_from(raw["preprocess"])
     cfg.mask = _table(MaskConfig, raw.get("mask", {}), f"{p} [mask]")
     cfg.gates = _table(Gates, raw.get("gates", {}), f"{p} [gates]")
+    cfg.synthesis = _table(SynthesisConfig, raw.get("synthesis", {}), f"{p} [synthesis]")
     validate(cfg, str(p))
     return cfg
 

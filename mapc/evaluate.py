@@ -91,3 +91,20 @@ def latency_ms(sess: ort.InferenceSession, shape: tuple[int, ...], repeats: int 
         sess.run(None, {name: x})
         times.append((time.perf_counter() - t0) * 1000)
     return float(np.median(times))
+
+
+def latency_pair_ms(a: ort.InferenceSession, b: ort.InferenceSession, shape: tuple[int, ...],
+                    repeats: int = 20) -> tuple[float, float]:
+    """Median latency of two sessions on the same input, runs interleaved (a, b, a, b, ...) so that
+    machine noise and frequency drift hit both alike. Milliseconds."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    feeds = [(s, {s.get_inputs()[0].name: x}) for s in (a, b)]
+    for s, f in feeds:
+        s.run(None, f)
+    times = ([], [])
+    for _ in range(repeats):
+        for i, (s, f) in enumerate(feeds):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            times[i].append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times[0])), float(np.median(times[1]))

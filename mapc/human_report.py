@@ -77,7 +77,7 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def plots(report: dict, examples: dict | None) -> dict[str, str]:
+def plots(report: dict, examples: dict | None, synthetic: np.ndarray | None = None) -> dict[str, str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,11 +120,24 @@ def plots(report: dict, examples: dict | None) -> dict[str, str]:
                     a.set_title(f"{e['labels'][j]}->{e['predictions'][j]}", fontsize=7, color="green" if ok else "red")
             axes[i][0].text(-0.3, 0.5, name, transform=axes[i][0].transAxes, ha="right", va="center", fontsize=8)
         out["examples"] = _png(fig)
+    if synthetic is not None and len(synthetic):
+        k = len(synthetic)
+        cols = min(8, k)
+        rows_ = (k + cols - 1) // cols
+        fig, axes = plt.subplots(rows_, cols, figsize=(cols, rows_), squeeze=False)
+        for i in range(rows_ * cols):
+            a = axes[i // cols][i % cols]
+            a.axis("off")
+            if i < k:
+                a.imshow(synthetic[i], cmap="gray" if synthetic[i].ndim == 2 else None)
+        fig.suptitle("synthesized pseudo-authorized images", fontsize=9)
+        out["synthesized"] = _png(fig)
     return out
 
 
-def html_report(report: dict, verdict_line: str, examples: dict | None = None) -> str:
-    imgs = plots(report, examples)
+def html_report(report: dict, verdict_line: str, examples: dict | None = None,
+                synthetic: np.ndarray | None = None) -> str:
+    imgs = plots(report, examples, synthetic)
     esc = html.escape
     rows = "".join(
         f"<tr><td>{esc(r['domain'])}</td><td>{r['role']}</td><td>{r['n']}</td><td>{_fmt(r['original'], '.1f', ' %')}</td>"

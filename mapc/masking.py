@@ -54,7 +54,7 @@ class MaskConfig:
     margin_weight: float = 1.0
     margin: float = 1.0
     margin_fn: str = "softplus"          # "softplus" keeps pushing; "hinge" stops once the true class is `margin` below
-    adaptive_domains: bool = False       # weight each unauthorized domain by its current batch accuracy
+    adaptive_domains: bool = True        # weight each unauthorized domain by its current batch accuracy
     source_jitter: int = 0               # random translation (pixels) of authorized batches; teacher re-run on them
     density_weight: float = 0.0          # penalty on the pruned fraction (keeps the mask as dense as it can)
     ramp_steps: int = 100

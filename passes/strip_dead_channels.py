@@ -12,6 +12,10 @@ there too:
   (a Reshape to [N, C*H*W] counts as Flatten)
 - BatchNormalization in the chain: its parameters are sliced.
 
+Channel counts: only as many dead channels are removed as keep the remaining
+count a multiple of ``align`` (8 by default), because onnxruntime's blocked
+Conv kernels run odd channel counts on a slower path.
+
 Invariant: the function is unchanged (up to float rounding of the folded
 bias). A dead channel whose constant is non-zero is kept when a consumer
 cannot absorb it exactly (a padded Conv sees zeros at the border, not c);
@@ -65,6 +69,12 @@ def _propagate(node: onnx.NodeProto, c: np.ndarray, inits) -> np.ndarray:
 class StripDeadChannels:
     name = "strip_dead_channels"
     description = "remove Conv output channels whose weights are all zero, and their consumers' input slices"
+
+    def __init__(self, align: int = 8):
+        # onnxruntime's blocked (NCHWc) Conv kernels want channel counts in multiples of 8 or 16;
+        # an odd count falls back to a slower path. Keep enough dead channels that the kept count
+        # stays a multiple of ``align`` (1 disables), so stripping never costs speed.
+        self.align = max(1, int(align))
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         removed: dict[str, int] = {}
@@ -144,6 +154,8 @@ class StripDeadChannels:
             if kind == "conv" and not _pads_zero(node):
                 absorbable &= ~nonzero
         dead = dead[absorbable]
+        n_keep = -(-(w.shape[0] - len(dead)) // self.align) * self.align
+        dead = dead[:max(0, w.shape[0] - n_keep)]
         if len(dead) == 0:
             return None
         keep = np.setdiff1d(np.arange(w.shape[0]), dead)

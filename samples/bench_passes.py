@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import passes
-from mapc.evaluate import latency_ms, session
+from mapc.evaluate import latency_pair_ms, session
 from mapc.export import export_onnx
 
 
@@ -92,8 +92,7 @@ def main() -> None:
               f"{r.initializer_bytes_before / 1e6:8.1f}->{r.initializer_bytes_after / 1e6:<8.1f}")
     print(f"pipeline total: {total:.2f} s")
     baseline, _ = passes.run_pipeline(onx, [passes.FoldConstants(), passes.FoldBatchNorm()])
-    lo = latency_ms(session(baseline), (8, 3, 224, 224), repeats=5)
-    lp = latency_ms(session(out), (8, 3, 224, 224), repeats=5)
+    lo, lp = latency_pair_ms(session(baseline), session(out), (8, 3, 224, 224), repeats=5)
     print(f"onnxruntime latency, batch 8: original {lo:.1f} ms, protected {lp:.1f} ms, ratio {lp / lo:.2f}")
 
 

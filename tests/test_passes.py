@@ -274,7 +274,7 @@ def test_strip_dead_channels_is_equivalent(pads2, bias_sign, expect_c1):
     m = chain_model("1, 1, 1, 1", pads2, dead1=[1, 3], dead2=[2], bias_sign=bias_sign)
     x = rng.standard_normal((3, 2, 8, 8)).astype(np.float32)
     before = run(m, x=x)[0]
-    res = StripDeadChannels()(m)
+    res = StripDeadChannels(align=1)(m)
     arrays = inits(res.model)
     assert arrays["c1_weight"].shape[0] == 4 - expect_c1
     assert arrays["c2_weight"].shape == (2, 4 - expect_c1, 3, 3)   # dead channel 2 of c2 stripped too
@@ -302,7 +302,8 @@ def test_strip_dead_channels_then_audit_accepts_shrunk_weights():
     mask1[[0, 2]] = 0
     masks = {"c1_weight": mask1}
     originals = {"c1_weight": w["c1_weight"]}
-    out, records = run_pipeline(m, [FoldMasks(masks, originals), StripDeadChannels(), Audit(masks, originals), Check()])
+    out, records = run_pipeline(m, [FoldMasks(masks, originals), StripDeadChannels(align=1), Audit(masks, originals),
+                                    Check()])
     assert records[1].changed and records[1].initializer_bytes_after < records[1].initializer_bytes_before
     assert inits(out)["c1_weight"].shape[0] == 2
 
@@ -318,3 +319,9 @@ def test_save_model_uses_external_data_past_the_threshold(tmp_path):
     x = rng.standard_normal((2, 64)).astype(np.float32)
     s = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(s.run(None, {"x": x})[0], run(m, x=x)[0])
+
+
+def test_strip_dead_channels_keeps_channel_counts_aligned():
+    m = chain_model("1, 1, 1, 1", "0, 0, 0, 0", dead1=[1, 3], dead2=[])
+    assert not StripDeadChannels(align=4)(gemm_model_from(m)).changed       # 4 -> 2 would break alignment
+    assert inits(StripDeadChannels(align=2)(gemm_model_from(m)).model)["c1_weight"].shape[0] == 2

@@ -54,9 +54,9 @@ class Stem(nn.Module):
     def __init__(self):
         super().__init__()
         self.c1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.c2 = nn.Conv2d(6, 8, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8 * 4 * 4, 10)
+        self.c2 = nn.Conv2d(6, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
 
     def forward(self, x):
         y = torch.relu(self.c1(x))
@@ -130,10 +130,12 @@ def test_channel_masks_shrink_the_artifact():
     torch.manual_seed(0)
     m = randomize_bn(Stem())
     masks = make_masks(m, "channel", seed=3)
+    keep = np.arange(16) % 2 == 0                       # 8 of 16 channels dead: the kept count stays aligned
+    masks["c2.weight"] = np.broadcast_to(keep.reshape(-1, 1, 1, 1), (16, 6, 3, 3)).astype(np.uint8).copy()
     out, records = compile_and_compare(m, masks, shape=(3, 8, 8))
     strip = records["strip_dead_channels"]
     assert strip.changed and strip.initializer_bytes_after < strip.initializer_bytes_before
-    assert "c2.weight" in strip.details["channels_removed"]
+    assert strip.details["channels_removed"]["c2.weight"] == 8
 
 
 @pytest.mark.parametrize("fmt", ["torchscript"])

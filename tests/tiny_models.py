@@ -36,8 +36,14 @@ class PlainNet(nn.Module):
 
 
 def residual() -> ResidualNet:
+    """Seeded weights; BatchNorm statistics set away from (0, 1) as a trained model's would be."""
     torch.manual_seed(0)
-    return ResidualNet().eval()
+    m = ResidualNet()
+    g = torch.Generator().manual_seed(1)
+    for bn in (m.bn, m.bn2):
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.5)
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) * 2 + 0.2)
+    return m.eval()
 
 
 def plain() -> PlainNet:
