@@ -30,6 +30,7 @@ from .datasets import Domain, load_domain
 from .errors import UserError
 from .evaluate import accuracy, latency_pair_ms, run_logits, session, st_d, wilson_interval
 from .export import export_onnx
+from .gates import evaluate_gates
 from .masking import TrainData, learn_mask, masked_forward, split_validation
 from .models import load_model
 from .preprocess import apply
@@ -223,7 +224,7 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
     shape = (256, *cfg.preprocess.input_shape)
     lat_o, lat_p = latency_pair_ms(s_orig, s_prot, shape)
 
-    gates = evaluate_gates(cfg, domain_rows, auth_name)
+    gates = evaluate_gates(cfg.gates, domain_rows, auth_name)
     timings["total_seconds"] = time.perf_counter() - t_all
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -277,22 +278,3 @@ def check_mode_data(mode: str, cfg: CompileConfig) -> None:
     if mode == "source-free" and not cfg.unauthorized:
         raise UserError("--mode source-free needs at least one --unauthorized NAME=PATH (authorized data is "
                         "synthesized; --authorized is then used only to measure)")
-
-
-def evaluate_gates(cfg: CompileConfig, rows: dict, auth_name: str | None) -> list[dict]:
-    g = cfg.gates
-    out = []
-    if g.max_source_drop is not None and auth_name is not None:
-        v = rows[auth_name]["drop"]
-        out.append({"gate": "max_source_drop", "limit": g.max_source_drop, "value": v, "domain": auth_name,
-                    "passed": v <= g.max_source_drop})
-    for n, r in rows.items():
-        if r["role"] != "unauthorized":
-            continue
-        if g.max_target_acc is not None:
-            out.append({"gate": "max_target_acc", "limit": g.max_target_acc, "value": r["protected_acc"],
-                        "domain": n, "passed": r["protected_acc"] <= g.max_target_acc})
-        if g.min_target_drop is not None:
-            out.append({"gate": "min_target_drop", "limit": g.min_target_drop, "value": r["drop"],
-                        "domain": n, "passed": r["drop"] >= g.min_target_drop})
-    return out

@@ -27,19 +27,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
+from .gates import Gates
 from .masking import MaskConfig
 from .synthesis import SynthesisConfig
 from .preprocess import Preprocess, preprocess_from
 
 MODES = ("source-available", "source-free", "data-free")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass
-class Gates:
-    max_source_drop: float | None = 1.0     # points
-    max_target_acc: float | None = None     # percent, every unauthorized domain
-    min_target_drop: float | None = None    # points, every unauthorized domain
 
 
 @dataclass
@@ -54,7 +48,7 @@ class CompileConfig:
     unauthorized: dict[str, str] = field(default_factory=dict)
     preprocess: Preprocess = field(default_factory=Preprocess)
     mask: MaskConfig = field(default_factory=MaskConfig)
-    gates: Gates = field(default_factory=Gates)
+    gates: Gates = field(default_factory=lambda: Gates(max_source_drop=1.0))
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     skip_passes: list[str] = field(default_factory=list)
 
@@ -112,7 +106,7 @@ def load_config(path: str | Path) -> CompileConfig:
     if "preprocess" in raw:
         cfg.preprocess = preprocess_from(raw["preprocess"])
     cfg.mask = _table(MaskConfig, raw.get("mask", {}), f"{p} [mask]")
-    cfg.gates = _table(Gates, raw.get("gates", {}), f"{p} [gates]")
+    cfg.gates = _table(Gates, {"max_source_drop": 1.0, **raw.get("gates", {})}, f"{p} [gates]")
     cfg.synthesis = _table(SynthesisConfig, raw.get("synthesis", {}), f"{p} [synthesis]")
     validate(cfg, str(p))
     return cfg

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +70,9 @@ class BNProbe:
                     continue
                 self._handles.append(bn.register_forward_hook(self._hook))
         elif isinstance(module, torch.fx.GraphModule):
-            self.module = copy.deepcopy(module)   # instrument a copy; the caller's graph stays as loaded
+            with warnings.catch_warnings():  # torch's pytree deprecation notice on copy
+                warnings.simplefilter("ignore")
+                self.module = copy.deepcopy(module)   # instrument a copy; the caller's graph stays as loaded
             self._instrument(self.module)
         if not self._handles and not getattr(self, "_instrumented", False):
             raise UserError("--mode source-free/data-free needs BatchNorm running statistics to synthesize "

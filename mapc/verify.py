@@ -20,15 +20,9 @@ from onnx import numpy_helper
 from . import __version__
 from .datasets import Domain, load_domain
 from .errors import UserError
+from .gates import Gates as VerifyGates, evaluate_gates
 from .evaluate import accuracy, run_logits, session, st_d, wilson_interval
 from .preprocess import Preprocess, apply, preprocess_from
-
-
-@dataclass
-class VerifyGates:
-    max_source_drop: float | None = None
-    max_target_acc: float | None = None
-    min_target_drop: float | None = None
 
 
 @dataclass
@@ -189,22 +183,4 @@ def tool_versions() -> dict:
     import sys
     if "torch" in sys.modules:
         out["torch"] = sys.modules["torch"].__version__
-    return out
-
-
-def evaluate_gates(g: VerifyGates, domains: dict, src: str | None) -> list[dict]:
-    out = []
-    if g.max_source_drop is not None and src is not None:
-        v = domains[src]["drop"]
-        out.append({"gate": "max_source_drop", "limit": g.max_source_drop, "value": v, "domain": src,
-                    "passed": v <= g.max_source_drop})
-    for n, e in domains.items():
-        if e["role"] != "unauthorized":
-            continue
-        if g.max_target_acc is not None:
-            out.append({"gate": "max_target_acc", "limit": g.max_target_acc, "value": e["protected_acc"], "domain": n,
-                        "passed": e["protected_acc"] <= g.max_target_acc})
-        if g.min_target_drop is not None:
-            out.append({"gate": "min_target_drop", "limit": g.min_target_drop, "value": e["drop"], "domain": n,
-                        "passed": e["drop"] >= g.min_target_drop})
     return out

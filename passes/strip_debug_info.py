@@ -13,35 +13,24 @@ import onnx
 from .base import PassResult
 
 
-def _strip_graph(graph: onnx.GraphProto) -> int:
+def _clear(obj) -> int:
+    """Empty ``doc_string`` and ``metadata_props`` where the proto has them; count what was cleared."""
     n = 0
-    if graph.doc_string:
-        graph.doc_string = ""
+    if getattr(obj, "doc_string", ""):
+        obj.doc_string = ""
         n += 1
-    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
-        if vi.doc_string:
-            vi.doc_string = ""
-            n += 1
-        if len(vi.metadata_props):
-            del vi.metadata_props[:]
-            n += 1
-    for t in graph.initializer:
-        if t.doc_string:
-            t.doc_string = ""
-            n += 1
-        if len(t.metadata_props):
-            del t.metadata_props[:]
-            n += 1
-    if len(graph.metadata_props):
-        del graph.metadata_props[:]
+    if hasattr(obj, "metadata_props") and len(obj.metadata_props):
+        del obj.metadata_props[:]
         n += 1
+    return n
+
+
+def _strip_graph(graph: onnx.GraphProto) -> int:
+    n = _clear(graph)
+    for item in list(graph.input) + list(graph.output) + list(graph.value_info) + list(graph.initializer):
+        n += _clear(item)
     for node in graph.node:
-        if node.doc_string:
-            node.doc_string = ""
-            n += 1
-        if len(node.metadata_props):
-            del node.metadata_props[:]
-            n += 1
+        n += _clear(node)
         for attr in node.attribute:
             if attr.doc_string:
                 attr.doc_string = ""
