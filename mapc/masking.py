@@ -24,7 +24,19 @@ batches xu_k (labels yu_k, or the frozen model's predictions without them):
 lambda ramps linearly from 0 to ``target_weight`` over ``ramp_steps`` (at most a third of the steps). The
 uniform term drives outputs toward chance; the margin term makes sure the
 true class does not stay on top of a near-uniform output (what accuracy
-measures). Without authorized labels the CE term is dropped.
+measures). Without authorized labels the CE term is dropped. With
+``adaptive_domains`` (default) each unauthorized domain's term is weighted by
+its current batch accuracy (+1/K), normalised to mean 1, so the domain still
+recognised gets the push. Optional: ``feature_weight`` adds the normalised
+squared distance between masked and frozen BatchNorm inputs on authorized
+batches (meant for synthesized data).
+
+Optimiser: momentum SGD on per-tensor RMS-normalised score gradients (Adam
+moves every score at the same rate and flips most of a layer at once).
+The returned mask is the one, among checkpoints every ``eval_every`` steps,
+with the lowest worst unauthorized validation accuracy whose validation
+source drop stays within ``source_budget`` points (validation rows are held
+out of the train rows, never the test rows).
 """
 from __future__ import annotations
 
@@ -57,6 +69,7 @@ class MaskConfig:
     adaptive_domains: bool = True        # weight each unauthorized domain by its current batch accuracy
     source_jitter: int = 0               # random translation (pixels) of authorized batches; teacher re-run on them
     density_weight: float = 0.0          # penalty on the pruned fraction (keeps the mask as dense as it can)
+    feature_weight: float = 0.0          # keep BatchNorm-input features on authorized batches (synthesized data)
     ramp_steps: int = 100
     kl_weight: float = 1.0
     source_weight: float = 1.0
@@ -220,9 +233,14 @@ def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, rng: np.rando
     return (x[tr], y[tr]), (x[va], y[va])
 
 
-def _accuracy(module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
+def _accuracy(module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024, tap=None) -> float:
     with torch.no_grad():
-        pred = torch.cat([module(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+        pred = []
+        for i in range(0, len(x), batch):
+            pred.append(module(x[i:i + batch]).argmax(1))
+            if tap is not None:
+                tap.take()
+        pred = torch.cat(pred)
     return float((pred == y).float().mean() * 100)
 
 
@@ -234,10 +252,29 @@ def selection_key(src_drop: float, unauth_acc: list[float], budget: float) -> tu
     return (1, src_drop, worst)
 
 
+def feature_loss(masked_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Mean over layers of the normalised squared distance of the first ``n`` rows' features."""
+    total = 0.0
+    for fm, ft in zip(masked_feats, teacher_feats):
+        fm, ft = fm[:n], ft[:n]
+        total = total + (fm - ft).pow(2).mean() / (ft.pow(2).mean() + 1e-8)
+    return total / max(len(teacher_feats), 1)
+
+
 def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: MaskConfig,
                seed: int, device: torch.device, progress: bool = True) -> MaskResult:
+    import contextlib
+
     from tqdm import tqdm
 
+    from .synthesis import FeatureTap
+
+    tap_ctx = FeatureTap(module) if cfg.feature_weight > 0 else contextlib.nullcontext()
+    with tap_ctx as tap:
+        return _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm)
+
+
+def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) -> MaskResult:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     names = maskable_names(module, num_classes, cfg)
@@ -251,7 +288,7 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
     selected = None  # (key, step, masks)
     base_val = None
     if data.val_auth is not None:
-        base_val = _accuracy(module, *data.val_auth)
+        base_val = _accuracy(module, *data.val_auth, tap=tap)
     t0 = time.perf_counter()
     bs = cfg.batch_size
     ramp = max(1, min(cfg.ramp_steps, cfg.steps // 3))
@@ -268,6 +305,13 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
                 with torch.no_grad():
                     restore_values(masked)
                     teacher = F.log_softmax(module(xa), 1)
+            teacher_feats = None
+            if tap is not None:
+                with torch.no_grad():
+                    restore_values(masked)
+                    tap.take()
+                    module(xa)
+                    teacher_feats = [f.detach() for f in tap.take()]
             xs = [xa]
             ys = []
             for ux, uy in data.unauth:
@@ -276,11 +320,14 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
                 ys.append(uy[iu])
             apply_masks(masked)
             logits = module(torch.cat(xs))
+            masked_feats = tap.take() if tap is not None else None
             za = logits[:bs]
             logp = F.log_softmax(za, 1)
             loss_src = cfg.kl_weight * F.kl_div(logp, teacher, log_target=True, reduction="batchmean")
             if data.auth_y is not None:
                 loss_src = loss_src + F.cross_entropy(za, data.auth_y[ia])
+            if teacher_feats is not None:
+                loss_src = loss_src + cfg.feature_weight * feature_loss(masked_feats, teacher_feats, bs)
             loss_tgt = torch.zeros((), device=device)
             per_domain = []
             for k, yk in enumerate(ys):
@@ -313,8 +360,8 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
             last = step == cfg.steps - 1
             if base_val is not None and step >= ramp and (step % cfg.eval_every == 0 or last):
                 apply_masks(masked)
-                drop = base_val - _accuracy(module, *data.val_auth)
-                accs = [_accuracy(module, x, y) for x, y in data.val_unauth]
+                drop = base_val - _accuracy(module, *data.val_auth, tap=tap)
+                accs = [_accuracy(module, x, y, tap=tap) for x, y in data.val_unauth]
                 key = selection_key(drop, accs, cfg.source_budget)
                 history.append({"step": step, "val_source_drop": drop, "val_unauthorized_acc": accs})
                 if selected is None or key < selected[0]:

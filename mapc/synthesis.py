@@ -51,6 +51,8 @@ class SynthesisConfig:
     tv_weight: float = 0.5
     l2_weight: float = 1e-3
     init_std: float = 0.2
+    first_bn_weight: float = 10.0   # the first BatchNorm sees the input statistics directly: weight it up
+    jitter: int = 2                 # random translation (pixels) of the batch at every step
 
 
 class BNProbe:
@@ -103,13 +105,13 @@ class BNProbe:
             self._instrumented = True
             self._gm = gm
 
-    def loss(self) -> torch.Tensor:
+    def loss(self, first_weight: float = 1.0) -> torch.Tensor:
         total = 0.0
-        for x, mean, var in self.records:
+        for i, (x, mean, var) in enumerate(self.records):
             dims = [0] + list(range(2, x.ndim))
             mu = x.mean(dims)
             v = x.var(dims, unbiased=False)
-            total = total + torch.norm(mu - mean, 2) + torch.norm(v - var, 2)
+            total = total + (first_weight if i == 0 else 1.0) * (torch.norm(mu - mean, 2) + torch.norm(v - var, 2))
         return total
 
     def close(self) -> None:
@@ -166,8 +168,12 @@ def invert(module: nn.Module, model_format: str, input_shape: tuple[int, int, in
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
         for _ in range(cfg.steps):
             probe.clear()
-            logits = probe.module(x)
-            loss = (F.cross_entropy(logits, y) + cfg.bn_weight * probe.loss()
+            xin = x
+            if cfg.jitter > 0:
+                dy, dx = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=g))
+                xin = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+            logits = probe.module(xin)
+            loss = (F.cross_entropy(logits, y) + cfg.bn_weight * probe.loss(cfg.first_bn_weight)
                     + cfg.tv_weight * total_variation(x) + cfg.l2_weight * x.pow(2).mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -208,3 +214,60 @@ def neighbor_domains(x: torch.Tensor, seed: int, pre_mean: tuple[float, ...], pr
     textured = (texture - pix).abs()                         # MNIST-M-like blend with a random field
     shifts = [colour, inverted, blurred, noisy, textured]
     return [(s - mean) / std for s in shifts]
+
+
+class FeatureTap:
+    """Context manager: records the input of every BatchNorm of ``module`` itself during forward passes.
+
+    Used while learning a mask from synthesized data, to keep the masked model's intermediate
+    features (not only its logits) close to the frozen model's. Plain modules get forward hooks;
+    a torch.export graph is instrumented in place and restored on exit.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.features: list[torch.Tensor] = []
+        self._handles = []
+        self._inserted = []
+
+    def __enter__(self):
+        bns = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if bns:
+            self._handles = [bn.register_forward_hook(lambda mod, inp, out: self.features.append(inp[0]))
+                             for bn in bns]
+        elif isinstance(self.module, torch.fx.GraphModule):
+            gm = self.module
+            self._inserted = []
+            tap = self
+
+            def record(x, mean, var):
+                tap.features.append(x)
+                return x
+
+            for node in list(gm.graph.nodes):
+                name = getattr(node.target, "__name__", str(node.target))
+                if node.op == "call_function" and any(t in name for t in BN_TARGETS) and len(node.args) >= 5:
+                    x = node.args[0]
+                    with gm.graph.inserting_before(node):
+                        rec = gm.graph.call_function(record, (x, node.args[3], node.args[4]))
+                    node.replace_input_with(x, rec)
+                    self._inserted.append((rec, x))
+            gm.recompile()
+        return self
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.features = self.features, []
+        return out
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        if getattr(self, "_inserted", None):
+            g = self.module.graph
+            for rec, x in self._inserted:  # undo: the graph (and its pytree codegen) is as loaded
+                rec.replace_all_uses_with(x)
+                g.erase_node(rec)
+            self.module.recompile()
+            self._inserted = []
+        self.features = []
+        return False

@@ -97,3 +97,20 @@ def test_mode_data_combinations_are_clear_errors(tmp_path, tiny_models, small_do
                  "-o", tmp_path / "o", "-q"])
     assert r.exit_code == 2 and "TorchScript" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("fmt", ["export", "state_dict"])
+def test_feature_tap_records_and_restores_the_module(tiny_models, fmt):
+    from mapc.synthesis import FeatureTap
+    m = load_model(tiny_models["residual"][fmt], arch="tests.tiny_models:residual").module
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        before = m(x)
+        with FeatureTap(m) as tap:
+            inside = m(x)
+            feats = tap.take()
+        after = m(x)
+    assert len(feats) == 2 and feats[0].shape == (3, 8, 16, 16)
+    assert isinstance(after, torch.Tensor)
+    torch.testing.assert_close(before, inside)
+    torch.testing.assert_close(before, after)
