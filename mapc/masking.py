@@ -65,7 +65,7 @@ class MaskConfig:
     target_weight: float = 2.0
     margin_weight: float = 1.0
     margin: float = 1.0
-    margin_fn: str = "softplus"          # "softplus" keeps pushing; "hinge" stops once the true class is `margin` below
+    margin_fn: str = "softplus"          # "softplus" keeps pushing; "hinge" stops `margin` below; "top" stops once off top
     adaptive_domains: bool = True        # weight each unauthorized domain by its current batch accuracy
     source_jitter: int = 0               # random translation (pixels) of authorized batches; teacher re-run on them
     density_weight: float = 0.0          # penalty on the pruned fraction (keeps the mask as dense as it can)
@@ -211,7 +211,11 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor, margin: float, fn: str = 
     zy = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
     gap = zy - others + margin
-    return (F.relu(gap) if fn == "hinge" else F.softplus(gap)).mean()
+    if fn == "hinge":
+        return F.relu(gap).mean()
+    if fn == "top":  # only rows whose true class is still on top: no push below chance
+        return (F.softplus(gap) * (zy >= others).float()).mean()
+    return F.softplus(gap).mean()
 
 
 @dataclass
@@ -374,7 +378,8 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) ->
                 history.append({"step": step, "loss_source": loss_src.item(), "loss_target": loss_tgt.item(),
                                 "lambda": lam, "kept": kept, "batch_acc_authorized": acc_a,
                                 "batch_acc_unauthorized": acc_u})
-                bar.set_postfix(src=f"{loss_src.item():.3f}", tgt=f"{loss_tgt.item():.3f}", kept=f"{kept:.3f}")
+                bar.set_postfix(src=f"{loss_src.item():.3f}", tgt=f"{loss_tgt.item():.3f}", kept=f"{kept:.3f}",
+                                refresh=False)
         with torch.no_grad():
             masks = {}
             chosen = selected[2] if selected is not None else {m.name: m.mask() for m in masked}
