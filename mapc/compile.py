@@ -12,6 +12,7 @@ model's weights are identical before and after (checked).
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -105,6 +106,7 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
     t_all = time.perf_counter()
     mode = cfg.resolved_mode()
     check_mode_data(mode, cfg)
+    check_output_dir(Path(outdir))
     if cfg.model is None:
         raise UserError("no model given: pass MODEL or set model = \"...\" in the config")
     device = torch_device(cfg.device)
@@ -249,14 +251,17 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
         "timings": timings, "gates": gates, "passed": all(g["passed"] for g in gates),
     }
     outdir = Path(outdir)
-    with staged_dir(outdir) as stage:
-        written = passes.save_model(protected, stage / ARTIFACT, external_threshold)
-        report["artifact_files"] = [p.name for p in written]
-        write_report_json(stage / REPORT, report)
-        line = verdict(report)
-        (stage / "report.md").write_text(markdown(report, line))
-        (stage / "report.html").write_text(html_report(report, line, examples, synthetic_preview_images(
-            synthetic_preview, cfg)))
+    try:
+        with staged_dir(outdir) as stage:
+            written = passes.save_model(protected, stage / ARTIFACT, external_threshold)
+            report["artifact_files"] = [p.name for p in written]
+            write_report_json(stage / REPORT, report)
+            line = verdict(report)
+            (stage / "report.md").write_text(markdown(report, line))
+            (stage / "report.html").write_text(html_report(report, line, examples, synthetic_preview_images(
+                synthetic_preview, cfg)))
+    except OSError as e:
+        raise UserError(f"{outdir}: cannot write the output folder ({e.strerror or e}); pick a writable -o")
     report["artifact"] = str(outdir / ARTIFACT)
     return report
 
@@ -269,6 +274,17 @@ def synthetic_preview_images(x: torch.Tensor | None, cfg: CompileConfig) -> np.n
     std = torch.tensor(cfg.preprocess.std).view(1, -1, 1, 1)
     pix = ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return pix[..., 0] if pix.shape[-1] == 1 else pix
+
+
+def check_output_dir(outdir: Path) -> None:
+    """Fail before any work if OUTDIR cannot be written (nothing is created here)."""
+    if outdir.exists() and not outdir.is_dir():
+        raise UserError(f"{outdir}: exists and is not a folder; pick another -o")
+    probe = outdir
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{outdir}: {probe} is not writable; pick a writable -o")
 
 
 def check_mode_data(mode: str, cfg: CompileConfig) -> None:
