@@ -5,7 +5,8 @@ Fails the pipeline (PassError) when:
   by its parameter name, else by its mask pattern: an initializer of the
   same shape, or transposed shape, whose masked positions are all zero);
 - any initializer equals an original weight that has masked positions
-  (the unprotected weight is shipped), directly or transposed;
+  (the unprotected weight is shipped), directly, transposed, or rescaled per
+  output channel (BatchNorm folded in);
 - a tensor or node that looks like a mask or a pre-mask copy remains
   (``*mask*``, ``*_orig``), or a Mul reads such a tensor;
 - a doc string or metadata value holds an absolute file path or a traceback.
@@ -20,6 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from .base import PassError, PassResult
+from .graph_utils import rowwise_scale
 
 LEAK = re.compile(r"(^|[\s\"'(=])(/(home|root|tmp|usr|opt|work|Users|var)/|[A-Za-z]:\\\\)|Traceback \(most recent")
 
@@ -100,6 +102,8 @@ class Audit:
                     if (a.shape == orig.shape and np.array_equal(a, orig)) or \
                             (orig.ndim == 2 and a.shape == orig.T.shape and np.array_equal(a, orig.T)):
                         problems.append(f"initializer {n} equals the unmasked original of {key!r}")
+                    elif a.shape == orig.shape and np.any(a[zeros]) and rowwise_scale(a, orig) is not None:
+                        problems.append(f"initializer {n} is a per-channel rescaling of the unmasked original of {key!r}")
         for t in model.graph.initializer:
             low = t.name.lower()
             if "mask" in low or low.endswith("_orig"):

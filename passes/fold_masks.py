@@ -11,7 +11,11 @@ Locating the initializer (the exporter may rename or transpose weights):
 2. otherwise, when the original values are given, every initializer whose
    values equal the original exactly, or its transpose for 2-D weights (a
    Linear exported as MatMul stores W^T). A weight shared by several nodes is
-   one initializer and is masked once; duplicated copies are all masked.
+   one initializer and is masked once; duplicated copies are all masked;
+3. otherwise, an initializer of the same shape whose every output row is a
+   scalar multiple of the original's (an exporter folded BatchNorm into the
+   Conv: W' = W * s per output channel). Masking commutes with that scale,
+   (W*s)*M = (W*M)*s, so the same mask applies.
 A mask that matches nothing is an error: silently shipping an unmasked
 weight would ship an unprotected model.
 """
@@ -22,6 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from .base import PassError, PassResult
+from .graph_utils import rowwise_scale
 
 
 def _find(inits: dict[str, onnx.TensorProto], arrays: dict[str, np.ndarray], key: str,
@@ -37,6 +42,8 @@ def _find(inits: dict[str, onnx.TensorProto], arrays: dict[str, np.ndarray], key
             found.append((name, False))
         elif original.ndim == 2 and arr.shape == original.T.shape and np.array_equal(arr, original.T):
             found.append((name, True))
+    if not found:
+        found = [(name, False) for name, arr in arrays.items() if rowwise_scale(arr, original) is not None]
     return found
 
 

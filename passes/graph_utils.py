@@ -86,3 +86,22 @@ def remove_dead_nodes(graph: onnx.GraphProto) -> int:
         for n in dead:
             graph.node.remove(n)
         removed += len(dead)
+
+
+def rowwise_scale(a: np.ndarray, w: np.ndarray, rtol: float = 1e-4) -> np.ndarray | None:
+    """Per-output-row scales s with a[o] = s[o] * w[o] (a Conv weight with BatchNorm folded in), or None.
+
+    Least-squares s[o] = <a[o], w[o]> / <w[o], w[o]>, accepted when every row matches to ``rtol``
+    of the row's largest entry. Rows of w that are all zero must be zero in a too.
+    """
+    if a.shape != w.shape or a.ndim < 2:
+        return None
+    A = a.reshape(a.shape[0], -1).astype(np.float64)
+    W = w.reshape(w.shape[0], -1).astype(np.float64)
+    ww = (W * W).sum(1)
+    s = np.divide((A * W).sum(1), ww, out=np.zeros_like(ww), where=ww > 0)
+    err = np.abs(A - s[:, None] * W).max(1)
+    scale = np.maximum(np.abs(A).max(1), np.abs(s) * np.abs(W).max(1))
+    if np.all(err <= rtol * np.maximum(scale, 1e-12)):
+        return s
+    return None

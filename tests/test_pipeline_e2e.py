@@ -144,3 +144,44 @@ def test_pipeline_on_torchscript_export(fmt):
     m = randomize_bn(Stem())
     masks = make_masks(m, "weight")
     compile_and_compare(torch.jit.script(m), masks, shape=(3, 8, 8), fmt=fmt)
+
+
+def test_fold_masks_finds_weights_the_exporter_folded_batchnorm_into():
+    """The exporter's own optimizer folds BN into Conv (W*s per channel): masks still land, exactly."""
+    import warnings
+    torch.manual_seed(0)
+    m = randomize_bn(Stem())
+    masks = make_masks(m, "weight", seed=5)
+    params = dict(m.named_parameters())
+    originals = {n: params[n].detach().numpy().copy() for n in masks}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onx = torch.onnx.export(m, (torch.zeros(2, 3, 8, 8),), dynamo=True, optimize=True, external_data=False,
+                                input_names=["input"], dynamic_shapes=({0: torch.export.Dim("batch")},)).model_proto
+    assert not [n for n in onx.graph.node if n.op_type == "BatchNormalization"]   # really folded
+    for t in onx.graph.initializer:                  # and renamed, as the TorchScript exporter does
+        if t.name == "c2.weight":
+            t.name = "onnx::Conv_99"
+    for node in onx.graph.node:
+        for i, name in enumerate(node.input):
+            if name == "c2.weight":
+                node.input[i] = "onnx::Conv_99"
+    out, records = passes.run_pipeline(onx, passes.default_pipeline(masks, originals, {"mode": "test"}))
+    x = np.random.default_rng(1).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    sess = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"input": x})[0], masked_forward(m, masks, x), rtol=1e-4, atol=1e-5)
+    assert records[0].details["masks"]["c2.weight"]["initializers"] == ["onnx::Conv_99"]
+
+
+def test_audit_catches_a_rescaled_unmasked_copy():
+    torch.manual_seed(0)
+    m = randomize_bn(Stem())
+    masks = make_masks(m, "weight", seed=5)
+    params = dict(m.named_parameters())
+    originals = {n: params[n].detach().numpy().copy() for n in masks}
+    onx, _ = export_onnx(m, "export", (3, 8, 8))
+    out, _ = passes.run_pipeline(onx, passes.default_pipeline(masks, originals, {"mode": "test"}))
+    leaked = originals["c2.weight"] * np.linspace(0.5, 2.0, 16, dtype=np.float32).reshape(-1, 1, 1, 1)
+    out.graph.initializer.append(numpy_helper.from_array(leaked, "spare"))
+    with pytest.raises(passes.PassError, match="rescaling of the unmasked original"):
+        passes.Audit(masks, originals)(out)
