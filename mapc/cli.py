@@ -60,7 +60,7 @@ def main():
 @click.option("--unauthorized", multiple=True, metavar="NAME=PATH",
               help="Unauthorized domain to break; repeat for several.")
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
-              help="Output folder for protected.onnx and report.json (written atomically).")
+              help="Output folder (written atomically: complete or untouched).")
 @click.option("--mode", type=click.Choice(["source-available", "source-free", "data-free"]),
               help="Default: inferred from the data given.")
 @click.option("--arch", metavar="PKG.MODULE:FACTORY", help="Architecture factory for a state_dict model.")
@@ -87,7 +87,16 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
     MODEL is a torch.export program (.pt2), a TorchScript archive, a state_dict
     (with --arch) or, with --trust-pickle only, a pickled nn.Module. Data given as
     NAME=PATH: train rows teach the mask, test rows measure it with onnxruntime.
-    The unprotected model is never written to OUTDIR.
+    OUTDIR gets protected.onnx, report.json, report.md and report.html; the
+    unprotected model is never written there.
+
+    \b
+    Modes (inferred from the data when --mode is omitted):
+      source-available  learn from --authorized and --unauthorized train rows
+      source-free       learn from --unauthorized rows and images synthesized
+                        from the model (needs BatchNorm); --authorized is only measured
+      data-free         learn from synthesized images and neighbor domains only
+    Exit codes: 0 every gate held, 1 a gate failed, 2 bad input.
 
     \b
     Example (the bundled sample):
