@@ -80,19 +80,6 @@ def st_d(source_drop: float, target_drop: float) -> float | None:
     return source_drop / target_drop if target_drop > 0 else None
 
 
-def latency_ms(sess: ort.InferenceSession, shape: tuple[int, ...], repeats: int = 10) -> float:
-    """Median wall time of one run at ``shape`` (after one warm-up), in milliseconds."""
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    name = sess.get_inputs()[0].name
-    sess.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
-
-
 def latency_pair_ms(a: ort.InferenceSession, b: ort.InferenceSession, shape: tuple[int, ...],
                     repeats: int = 20) -> tuple[float, float]:
     """Median latency of two sessions on the same input, runs interleaved (a, b, a, b, ...) so that

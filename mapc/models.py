@@ -26,9 +26,6 @@ import torch
 
 from .errors import UserError
 
-FORMATS = ("export", "torchscript", "state_dict", "pickle")
-
-
 @dataclass
 class LoadedModel:
     module: torch.nn.Module

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .base import PassResult
 from .graph_utils import (attr, consumers, get_array, initializer_map, is_graph_output, remove_dead_nodes,

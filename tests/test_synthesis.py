@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -12,9 +10,9 @@ from click.testing import CliRunner
 from mapc.cli import main
 from mapc.errors import UserError
 from mapc.models import load_model
-from mapc.synthesis import BNProbe, SynthesisConfig, bn_mismatch, invert, neighbor_domains
+from mapc.synthesis import BNProbe, SynthesisConfig, invert, neighbor_domains
 from tests.conftest import ROOT
-from tests.tiny_models import plain, residual
+from tests.tiny_models import plain
 
 FAST = SynthesisConfig(images=64, batch=64, steps=60, tv_weight=0.05)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import html.parser
 import json
-import os
 from pathlib import Path
 
 import jsonschema
