@@ -238,6 +238,8 @@ def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, rng: np.rando
 
 
 def _accuracy(module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024, tap=None) -> float:
+    if len(x) == 0:
+        return 0.0
     with torch.no_grad():
         pred = []
         for i in range(0, len(x), batch):
@@ -291,7 +293,7 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) ->
     history: list[dict] = []
     selected = None  # (key, step, masks)
     base_val = None
-    if data.val_auth is not None:
+    if data.val_auth is not None and len(data.val_auth[0]) > 0:  # tiny data: no selection, last mask
         base_val = _accuracy(module, *data.val_auth, tap=tap)
     t0 = time.perf_counter()
     bs = cfg.batch_size

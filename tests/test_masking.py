@@ -84,3 +84,16 @@ def test_every_model_format_learns_and_masked_forward_matches_manual_masking(tin
                 p.mul_(torch.from_numpy(res.masks[n]).float())
         ref = ref_model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_data_without_validation_rows_still_learns():
+    m = plain()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 16, 16, generator=g)
+    y = torch.tensor([0, 1, 2])
+    empty = (x[:0], y[:0])
+    with torch.no_grad():
+        t = F.log_softmax(m(x), 1)
+    res = learn_mask(m, TrainData(x, y, t, [(x + 1, y)], empty, [empty]), 10, MaskConfig(steps=10), 0,
+                     torch.device("cpu"), progress=False)
+    assert res.selected_step == 9 and all(set(np.unique(v)) <= {0, 1} for v in res.masks.values())
