@@ -107,7 +107,6 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
     from .compile import compile_model
     from .config import CompileConfig, load_config, validate
     from .datasets import parse_spec
-    from .preprocess import Preprocess
     from .report import table, verdict
 
     cfg = load_config(config_path) if config_path else CompileConfig()
@@ -126,12 +125,7 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
         cfg.mask = replace(cfg.mask, granularity=granularity)
     if steps:
         cfg.mask = replace(cfg.mask, steps=steps)
-    pre = cfg.preprocess
-    if input_size or channels or mean or std:
-        ch = int(channels) if channels else pre.channels
-        cfg.preprocess = Preprocess(size=tuple(input_size) if input_size else pre.size, channels=ch,
-                                    mean=_floats(mean, "--mean") if mean else (pre.mean if ch == pre.channels else (0.5,)),
-                                    std=_floats(std, "--std") if std else (pre.std if ch == pre.channels else (0.5,)))
+    cfg.preprocess = _override_preprocess(cfg.preprocess, input_size, channels, mean, std)
     if max_source_drop is not None:
         cfg.gates.max_source_drop = max_source_drop
     if max_target_acc is not None:
@@ -188,11 +182,7 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     if input_size or channels or mean or std:
         from .preprocess import Preprocess, preprocess_from
         meta = sealed_metadata(load_artifact(artifact)).get("mapc.preprocess", {})
-        base = preprocess_from(meta) if meta else Preprocess()
-        ch = int(channels) if channels else base.channels
-        pre = Preprocess(size=tuple(input_size) if input_size else base.size, channels=ch,
-                         mean=_floats(mean, "--mean") if mean else (base.mean if ch == base.channels else (0.5,)),
-                         std=_floats(std, "--std") if std else (base.std if ch == base.channels else (0.5,)))
+        pre = _override_preprocess(preprocess_from(meta) if meta else Preprocess(), input_size, channels, mean, std)
     req = VerifyRequest(artifact=artifact, authorized=dict(parse_spec(s) for s in authorized),
                         unauthorized=dict(parse_spec(s) for s in unauthorized), baseline=baseline,
                         gates=VerifyGates(max_source_drop, max_target_acc, min_target_drop), provider=provider,
@@ -226,6 +216,18 @@ def passes_cmd(as_json):
     w = max(len(n) for n, _ in rows)
     for i, (n, d) in enumerate(rows, 1):
         click.echo(f"{i}. {n.ljust(w)}  {d}")
+
+
+def _override_preprocess(base, input_size, channels, mean, std):
+    """``base`` with the preprocessing flags that were given; a channel change resets mean/std to 0.5."""
+    from .preprocess import Preprocess
+
+    if not (input_size or channels or mean or std):
+        return base
+    ch = int(channels) if channels else base.channels
+    return Preprocess(size=tuple(input_size) if input_size else base.size, channels=ch,
+                      mean=_floats(mean, "--mean") if mean else (base.mean if ch == base.channels else (0.5,)),
+                      std=_floats(std, "--std") if std else (base.std if ch == base.channels else (0.5,)))
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:

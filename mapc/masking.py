@@ -67,8 +67,6 @@ class MaskConfig:
     margin: float = 1.0
     margin_fn: str = "softplus"          # "softplus" keeps pushing; "hinge" stops `margin` below; "top" stops once off top
     adaptive_domains: bool = True        # weight each unauthorized domain by its current batch accuracy
-    source_jitter: int = 0               # random translation (pixels) of authorized batches; teacher re-run on them
-    density_weight: float = 0.0          # penalty on the pruned fraction (keeps the mask as dense as it can)
     feature_weight: float = 0.0          # keep BatchNorm-input features on authorized batches (synthesized data)
     ramp_steps: int = 100
     kl_weight: float = 1.0
@@ -177,29 +175,15 @@ def backprop_scores(masked: list[MaskedParam], temperature: float) -> None:
     for m in masked:
         g = m.param.grad
         if g is None:
-            if m.score.grad is None:
-                m.score.grad = torch.zeros_like(m.score)
+            m.score.grad = torch.zeros_like(m.score)
             continue
         s = torch.sigmoid(m.score / temperature)
         surrogate = s * (1 - s) / temperature
         gw = g * m.original
         if gw.shape != m.score.shape:
             gw = gw.sum(dim=tuple(range(1, gw.ndim)), keepdim=True)
-        direct = m.score.grad  # from terms on the scores themselves (density penalty)
-        m.score.grad = gw * surrogate if direct is None else gw * surrogate + direct
+        m.score.grad = gw * surrogate
         m.param.grad = None
-
-
-def jitter(x: torch.Tensor, j: int, rng: np.random.Generator) -> torch.Tensor:
-    """Translate each image by a random offset in [-j, j] pixels (edge pixels replicated)."""
-    n, c, h, w = x.shape
-    xp = F.pad(x, (j, j, j, j), mode="replicate")
-    dy = torch.from_numpy(rng.integers(0, 2 * j + 1, n)).to(x.device)
-    dx = torch.from_numpy(rng.integers(0, 2 * j + 1, n)).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    return xp[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
-              rows, cols]
 
 
 def uniform_ce(logits: torch.Tensor) -> torch.Tensor:
@@ -306,11 +290,6 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) ->
             ia = torch.from_numpy(rng.integers(0, len(data.auth_x), bs)).to(device)
             xa = data.auth_x[ia]
             teacher = data.auth_teacher[ia]
-            if cfg.source_jitter > 0:
-                xa = jitter(xa, cfg.source_jitter, rng)
-                with torch.no_grad():
-                    restore_values(masked)
-                    teacher = F.log_softmax(module(xa), 1)
             teacher_feats = None
             if tap is not None:
                 with torch.no_grad():
@@ -351,9 +330,6 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) ->
                         weights = accs / accs.mean()
                 loss_tgt = (torch.stack(per_domain) * weights).mean()
             loss = cfg.source_weight * loss_src + lam * loss_tgt
-            if cfg.density_weight > 0:
-                pruned = torch.stack([torch.sigmoid(-m.score / cfg.temperature).mean() for m in masked]).mean()
-                loss = loss + cfg.density_weight * pruned
             opt.zero_grad(set_to_none=True)
             loss.backward()
             backprop_scores(masked, cfg.temperature)

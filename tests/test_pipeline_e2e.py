@@ -146,14 +146,19 @@ def test_pipeline_on_torchscript_export(fmt):
     compile_and_compare(torch.jit.script(m), masks, shape=(3, 8, 8), fmt=fmt)
 
 
-def test_fold_masks_finds_weights_the_exporter_folded_batchnorm_into():
-    """The exporter's own optimizer folds BN into Conv (W*s per channel): masks still land, exactly."""
-    import warnings
+def stem_with_masks():
+    """A Stem with trained-looking BN statistics, per-weight masks and the original weights."""
     torch.manual_seed(0)
     m = randomize_bn(Stem())
     masks = make_masks(m, "weight", seed=5)
     params = dict(m.named_parameters())
-    originals = {n: params[n].detach().numpy().copy() for n in masks}
+    return m, masks, {n: params[n].detach().numpy().copy() for n in masks}
+
+
+def test_fold_masks_finds_weights_the_exporter_folded_batchnorm_into():
+    """The exporter's own optimizer folds BN into Conv (W*s per channel): masks still land, exactly."""
+    import warnings
+    m, masks, originals = stem_with_masks()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onx = torch.onnx.export(m, (torch.zeros(2, 3, 8, 8),), dynamo=True, optimize=True, external_data=False,
@@ -174,11 +179,7 @@ def test_fold_masks_finds_weights_the_exporter_folded_batchnorm_into():
 
 
 def test_audit_catches_a_rescaled_unmasked_copy():
-    torch.manual_seed(0)
-    m = randomize_bn(Stem())
-    masks = make_masks(m, "weight", seed=5)
-    params = dict(m.named_parameters())
-    originals = {n: params[n].detach().numpy().copy() for n in masks}
+    m, masks, originals = stem_with_masks()
     onx, _ = export_onnx(m, "export", (3, 8, 8))
     out, _ = passes.run_pipeline(onx, passes.default_pipeline(masks, originals, {"mode": "test"}))
     leaked = originals["c2.weight"] * np.linspace(0.5, 2.0, 16, dtype=np.float32).reshape(-1, 1, 1, 1)
