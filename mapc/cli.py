@@ -70,6 +70,9 @@ def main():
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to learn the mask.")
 @click.option("--granularity", type=click.Choice(["weight", "channel"]), help="Mask per weight or per output channel.")
 @click.option("--steps", type=int, help="Mask-learning steps.")
+@click.option("--keep-salient", type=float, metavar="F",
+              help="Lock the fraction F of each layer's weights most salient for the authorized (or synthesized) "
+                   "rows: never pruned. Default 0 with real authorized rows, 0.6 with synthesized ones.")
 @click.option("--input-size", type=int, nargs=2, metavar="H W", help="Model input size.")
 @click.option("--channels", type=click.Choice(["1", "3"]), help="Model input channels.")
 @click.option("--mean", type=str, metavar="M[,M,M]", help="Per-channel mean after scaling pixels to [0,1].")
@@ -80,7 +83,7 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no log lines on stderr.")
 def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch, trust_pickle, seed, device,
-                granularity, steps, input_size, channels, mean, std, max_source_drop, max_target_acc,
+                granularity, steps, keep_salient, input_size, channels, mean, std, max_source_drop, max_target_acc,
                 skip_passes, as_json, quiet):
     """Learn a protection mask for MODEL and compile it into OUTDIR/protected.onnx.
 
@@ -125,6 +128,8 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
         cfg.mask = replace(cfg.mask, granularity=granularity)
     if steps:
         cfg.mask = replace(cfg.mask, steps=steps)
+    if keep_salient is not None:
+        cfg.mask = replace(cfg.mask, keep_salient=keep_salient)
     cfg.preprocess = _override_preprocess(cfg.preprocess, input_size, channels, mean, std)
     if max_source_drop is not None:
         cfg.gates.max_source_drop = max_source_drop

@@ -164,7 +164,8 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
             unauth.append(tr)
             vunauth.append(vv)
     data = TrainData(ax, ay if has_auth_labels else None, teacher, unauth, va, vunauth)
-    result = learn_mask(module, data, num_classes, cfg.mask, cfg.seed, device, progress=progress)
+    mask_cfg = cfg.mask.resolved_for(synthesized_authorized=mode != "source-available")
+    result = learn_mask(module, data, num_classes, mask_cfg, cfg.seed, device, progress=progress)
     module.to("cpu")
     timings["mask_seconds"] = time.perf_counter() - t0
     if weights_fingerprint(module) != fingerprint:
@@ -176,9 +177,11 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
     original_onnx, timings["export_seconds"] = export_onnx(module, loaded.format, cfg.preprocess.input_shape)
     params = dict(module.named_parameters())
     originals = {n: params[n].detach().cpu().numpy().copy() for n in result.masks}
+    learned_from = {"authorized": "real train rows" if mode == "source-available" else "synthesized",
+                    "unauthorized": "synthesized neighbor domains" if mode == "data-free" else "real train rows"}
     metadata = {
         "version": __version__, "mode": mode,
-        "authorized": list(cfg.authorized), "unauthorized": list(cfg.unauthorized),
+        "authorized": list(cfg.authorized), "unauthorized": list(cfg.unauthorized), "learned_from": learned_from,
         "preprocess": cfg.preprocess.to_dict(), "granularity": result.granularity,
         "mask_sha256": passes.digest_arrays(result.masks),
         "original_weights_sha256": fingerprint, "report_schema": REPORT_SCHEMA_VERSION,
@@ -239,12 +242,11 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
         "providers": s_prot.get_providers(), "learning_device": str(device),
         "domains": domain_rows, "source_drop": src_drop,
         "max_unauthorized_acc": max((domain_rows[n]["protected_acc"] for n in cfg.unauthorized), default=None),
-        "learned_from": {"authorized": "real train rows" if mode == "source-available" else "synthesized",
-                         "unauthorized": "synthesized neighbor domains" if mode == "data-free" else "real train rows"},
+        "learned_from": learned_from,
         "synthesis": synthesis_stats,
         "parity": {"top1_agreement": agree / max(parity_n, 1) * 100, "max_abs_logit_diff": max_diff, "rows": parity_n},
         "mask": {"granularity": result.granularity, "pruned_fraction": result.pruned_fraction(),
-                 "density": result.density(), "selected_step": result.selected_step, "config": vars(cfg.mask),
+                 "density": result.density(), "selected_step": result.selected_step, "config": vars(mask_cfg),
                  "history": result.history},
         "latency_ms_batch256": {"original": lat_o, "protected": lat_p, "ratio": lat_p / lat_o},
         "passes": [r.to_dict() for r in records],

@@ -31,6 +31,15 @@ recognised gets the push. Optional: ``feature_weight`` adds the normalised
 squared distance between masked and frozen BatchNorm inputs on authorized
 batches (meant for synthesized data).
 
+Saliency lock (``keep_salient`` = f): before learning, every maskable weight
+gets the saliency s = sum_batches (dL/dW * W0)^2 of the frozen model on the
+authorized (or synthesized pseudo-authorized) train rows, L = CE(f_s(x), y)
+(summed over the output channel for per-channel masks). In each tensor the
+fraction f with the highest saliency is locked: kept whatever its score, and
+its score gets no gradient. This bounds what the mask can take from the
+authorized domain when the keep-side data only approximates it (synthesized
+images); f = 0 locks nothing.
+
 Optimiser: momentum SGD on per-tensor RMS-normalised score gradients (Adam
 moves every score at the same rate and flips most of a layer at once).
 The returned mask is the one, among checkpoints every ``eval_every`` steps,
@@ -49,6 +58,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+# Default lock for synthesized authorized data. Measured on the sample (README, "All three modes"):
+# without a lock the source-free mask keeps 0.4 % of real mnist, with 0.6 78.0 % (data-free: 69.0 -> 92.5 %).
+SYNTHESIZED_KEEP_SALIENT = 0.6
 
 
 @dataclass
@@ -76,6 +90,8 @@ class MaskConfig:
     eval_every: int = 50
     val_rows: int = 500                  # held out of each domain's train rows for mask selection
     source_budget: float = 1.0           # points of validation source drop a selected mask may cost
+    keep_salient: float | None = None    # fraction locked by saliency; None: 0 with real authorized rows,
+                                         # SYNTHESIZED_KEEP_SALIENT with synthesized ones (see resolved_for)
 
     def __post_init__(self):
         from .errors import UserError
@@ -83,6 +99,18 @@ class MaskConfig:
             raise UserError(f"mask.granularity must be 'weight' or 'channel', got {self.granularity!r}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0:
             raise UserError("mask.steps, mask.batch_size, mask.lr and mask.temperature must be positive")
+        if self.keep_salient is not None and not 0.0 <= self.keep_salient < 1.0:
+            raise UserError(f"mask.keep_salient must be in [0, 1), got {self.keep_salient}")
+
+    def resolved_for(self, synthesized_authorized: bool) -> "MaskConfig":
+        """A copy with ``keep_salient`` decided: explicit values win, otherwise 0 for real rows."""
+        from dataclasses import replace
+        if self.keep_salient is not None:
+            return replace(self)
+        return replace(self, keep_salient=SYNTHESIZED_KEEP_SALIENT if synthesized_authorized else 0.0)
+
+
+SALIENCY_ROWS = 2048  # authorized rows the saliency is summed over
 
 
 @dataclass
@@ -91,9 +119,13 @@ class MaskedParam:
     param: torch.nn.Parameter
     original: torch.Tensor      # W0, a private copy
     score: torch.Tensor         # leaf tensor optimised by Adam
+    lock: torch.Tensor | None = None   # bool, score's shape: entries kept whatever the score
 
     def mask(self) -> torch.Tensor:
-        return (self.score > 0).to(self.original.dtype)
+        keep = self.score > 0
+        if self.lock is not None:
+            keep = keep | self.lock
+        return keep.to(self.original.dtype)
 
 
 @dataclass
@@ -186,6 +218,38 @@ def backprop_scores(masked: list[MaskedParam], temperature: float) -> None:
         m.param.grad = None
 
 
+def saliency(module: torch.nn.Module, masked: list[MaskedParam], x: torch.Tensor, y: torch.Tensor,
+             batch: int = 256) -> list[torch.Tensor]:
+    """Per masked parameter, sum over batches of (dCE/dW * W0)^2, in the score's shape.
+
+    The frozen (unmasked) weights are in place; parameter gradients are cleared afterwards.
+    """
+    restore_values(masked)
+    total = [torch.zeros_like(m.score) for m in masked]
+    for i in range(0, len(x), batch):
+        loss = F.cross_entropy(module(x[i:i + batch]), y[i:i + batch], reduction="sum")
+        grads = torch.autograd.grad(loss, [m.param for m in masked], allow_unused=True)
+        with torch.no_grad():
+            for k, (m, g) in enumerate(zip(masked, grads)):
+                if g is None:
+                    continue
+                sal = (g * m.original).pow(2)
+                if sal.shape != m.score.shape:
+                    sal = sal.sum(dim=tuple(range(1, sal.ndim)), keepdim=True)
+                total[k] += sal
+    return total
+
+
+def top_fraction(values: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Boolean tensor marking the ``ceil(fraction * n)`` largest entries (ties broken by position)."""
+    flat = values.flatten()
+    k = math.ceil(fraction * flat.numel())
+    out = torch.zeros(flat.numel(), dtype=torch.bool, device=values.device)
+    if k > 0:
+        out[torch.topk(flat, k, sorted=False).indices] = True
+    return out.view(values.shape)
+
+
 def uniform_ce(logits: torch.Tensor) -> torch.Tensor:
     return -F.log_softmax(logits, 1).mean(1).mean()
 
@@ -269,6 +333,11 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) ->
     rng = np.random.default_rng(seed)
     names = maskable_names(module, num_classes, cfg)
     masked = prepare(module, names, cfg, device)
+    if cfg.keep_salient:
+        rows = torch.from_numpy(rng.permutation(len(data.auth_x))[:SALIENCY_ROWS]).to(device)
+        labels = data.auth_y if data.auth_y is not None else data.auth_teacher.argmax(1)
+        for m, sal in zip(masked, saliency(module, masked, data.auth_x[rows], labels[rows])):
+            m.lock = top_fraction(sal, cfg.keep_salient)
     scores = [m.score for m in masked]
     opt = (torch.optim.Adam(scores, lr=cfg.lr) if cfg.optimizer == "adam"
            else torch.optim.SGD(scores, lr=cfg.lr, momentum=0.9))
@@ -333,6 +402,9 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) ->
             opt.zero_grad(set_to_none=True)
             loss.backward()
             backprop_scores(masked, cfg.temperature)
+            for m in masked:
+                if m.lock is not None:
+                    m.score.grad[m.lock] = 0.0
             if cfg.optimizer == "sgd":
                 for sc in scores:
                     sc.grad /= sc.grad.pow(2).mean().sqrt() + 1e-12

@@ -4,7 +4,9 @@ Invariant: the graph is untouched; ``metadata_props`` afterwards holds exactly
 the ``mapc.*`` keys below (values are strings, JSON where structured), so
 ``mapc verify`` needs no preprocessing flags:
 
-    mapc.version, mapc.mode, mapc.authorized, mapc.unauthorized (JSON lists),
+    mapc.version, mapc.mode, mapc.authorized, mapc.unauthorized (JSON lists of the
+    domain names; in the data-free mode the unauthorized ones were only measured),
+    mapc.learned_from (JSON: what the mask learned from, real rows or synthesized),
     mapc.preprocess (JSON: size, channels, mean, std), mapc.granularity,
     mapc.mask_sha256, mapc.original_weights_sha256, mapc.report_schema
 

@@ -97,3 +97,43 @@ def test_tiny_data_without_validation_rows_still_learns():
     res = learn_mask(m, TrainData(x, y, t, [(x + 1, y)], empty, [empty]), 10, MaskConfig(steps=10), 0,
                      torch.device("cpu"), progress=False)
     assert res.selected_step == 9 and all(set(np.unique(v)) <= {0, 1} for v in res.masks.values())
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_salient_weights_are_locked_and_never_pruned(granularity):
+    from mapc.masking import prepare, restore, saliency, top_fraction
+    m = residual()
+    data = toy_data(m)
+    names = maskable_names(m, 10, CFG)
+    cfg = MaskConfig(steps=40, batch_size=16, eval_every=10, val_rows=32, granularity=granularity)
+    masked = prepare(m, names, cfg, torch.device("cpu"))
+    try:
+        sal = saliency(m, masked, data.auth_x, data.auth_y)
+    finally:
+        restore(masked)
+    locks = {mp.name: top_fraction(s, 0.5) for mp, s in zip(masked, sal)}
+    for name, s in zip(names, sal):
+        assert s.shape == masked[names.index(name)].score.shape and bool((s >= 0).all())
+        lock = locks[name]
+        assert int(lock.sum()) == int(np.ceil(0.5 * lock.numel()))
+        if (~lock).any():  # the locked entries are the most salient ones
+            assert float(s[lock].min()) >= float(s[~lock].max())
+
+    free = learn_mask(m, data, 10, cfg, seed=0, device=torch.device("cpu"), progress=False)
+    held = learn_mask(m, data, 10, MaskConfig(**{**vars(cfg), "keep_salient": 0.5}), seed=0,
+                      device=torch.device("cpu"), progress=False)
+    assert free.pruned_fraction() > 0 and held.pruned_fraction() > 0   # the unlocked half still learns
+    for name, lock in locks.items():
+        full = lock.expand(dict(m.named_parameters())[name].shape).numpy()
+        assert held.masks[name][full].all(), f"{name}: a locked weight was pruned"
+        assert 1 - held.masks[name].mean() <= 0.5 + 1e-9
+
+
+def test_keep_salient_resolves_by_where_the_authorized_rows_come_from():
+    from mapc.errors import UserError
+    from mapc.masking import SYNTHESIZED_KEEP_SALIENT
+    assert MaskConfig().resolved_for(synthesized_authorized=False).keep_salient == 0.0
+    assert MaskConfig().resolved_for(synthesized_authorized=True).keep_salient == SYNTHESIZED_KEEP_SALIENT
+    assert MaskConfig(keep_salient=0.2).resolved_for(synthesized_authorized=True).keep_salient == 0.2
+    with pytest.raises(UserError, match="keep_salient"):
+        MaskConfig(keep_salient=1.0)

@@ -82,6 +82,12 @@ def test_mode_end_to_end_on_tiny_model(tmp_path, tiny_models, small_domains, mod
     assert "mnist" in report["domains"]                 # real authorized data measured, not learned from
     assert report["timings"]["synthesis_seconds"] > 0
     assert "synthesized" in (out / "report.html").read_text()
+    import onnx
+    from passes import read_metadata
+    sealed = read_metadata(onnx.load(str(out / "protected.onnx")))
+    assert sealed["mapc.learned_from"] == report["learned_from"]
+    assert sealed["mapc.learned_from"]["unauthorized"] == ("synthesized neighbor domains" if mode == "data-free"
+                                                           else "real train rows")
 
 
 def test_mode_data_combinations_are_clear_errors(tmp_path, tiny_models, small_domains):
