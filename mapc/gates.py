@@ -5,6 +5,10 @@ A gate compares one measured figure with a limit and passes or fails:
     max_target_acc   every unauthorized protected accuracy        <= limit (percent)
     min_target_drop  every unauthorized drop vs the original      >= limit (points)
 Domains are dicts with ``role``, ``protected_acc`` and, when an original was measured, ``drop``.
+
+Fail closed: a requested gate whose figure was not measured (no authorized domain for
+max_source_drop, no unauthorized domain for the others) is recorded with ``value`` None
+and fails, so a verdict never reads PASSED for something nobody measured.
 """
 from __future__ import annotations
 
@@ -20,17 +24,33 @@ class Gates:
 
 def evaluate_gates(g: Gates, domains: dict[str, dict], source: str | None) -> list[dict]:
     out = []
-    if g.max_source_drop is not None and source is not None:
-        v = domains[source]["drop"]
-        out.append({"gate": "max_source_drop", "limit": g.max_source_drop, "value": v, "domain": source,
-                    "passed": v <= g.max_source_drop})
-    for n, e in domains.items():
-        if e["role"] != "unauthorized":
-            continue
+    if g.max_source_drop is not None:
+        v = domains[source].get("drop") if source is not None else None
+        out.append(_gate("max_source_drop", g.max_source_drop, v, source or "-",
+                         None if v is None else v <= g.max_source_drop, "no authorized data; give --authorized NAME=PATH"))
+    unauth = {n: e for n, e in domains.items() if e["role"] == "unauthorized"}
+    for name, limit in (("max_target_acc", g.max_target_acc), ("min_target_drop", g.min_target_drop)):
+        if limit is not None and not unauth:
+            out.append(_gate(name, limit, None, "-", None, "no unauthorized data; give --unauthorized NAME=PATH"))
+    for n, e in unauth.items():
         if g.max_target_acc is not None:
-            out.append({"gate": "max_target_acc", "limit": g.max_target_acc, "value": e["protected_acc"],
-                        "domain": n, "passed": e["protected_acc"] <= g.max_target_acc})
+            out.append(_gate("max_target_acc", g.max_target_acc, e["protected_acc"], n,
+                             e["protected_acc"] <= g.max_target_acc))
         if g.min_target_drop is not None:
-            out.append({"gate": "min_target_drop", "limit": g.min_target_drop, "value": e["drop"], "domain": n,
-                        "passed": e["drop"] >= g.min_target_drop})
+            out.append(_gate("min_target_drop", g.min_target_drop, e["drop"], n, e["drop"] >= g.min_target_drop))
     return out
+
+
+def _gate(name: str, limit: float, value: float | None, domain: str, passed: bool | None,
+          missing: str = "") -> dict:
+    entry = {"gate": name, "limit": limit, "value": value, "domain": domain, "passed": bool(passed)}
+    if value is None:
+        entry["not_measured"] = missing
+    return entry
+
+
+def value_text(gate: dict, fmt: str = ".2f") -> str:
+    """The gate's measured figure, or "not measured (why)"."""
+    if gate["value"] is None:
+        return f"not measured ({gate.get('not_measured', 'no data')})"
+    return format(gate["value"], fmt)

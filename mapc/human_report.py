@@ -13,6 +13,8 @@ import io
 
 import numpy as np
 
+from .gates import value_text
+
 
 def _fmt(v, spec=".1f", suffix=""):
     return "-" if v is None else f"{v:{spec}}{suffix}"
@@ -38,7 +40,7 @@ def markdown(report: dict, verdict_line: str) -> str:
                      f"{_fmt(r['st_d'], '.3f')} |")
     lines += ["", "## Gates", "", "| gate | domain | value | limit | outcome |", "|---|---|---|---|---|"]
     for g in report["gates"]:
-        lines.append(f"| {g['gate']} | {g['domain']} | {g['value']:.2f} | {g['limit']:g} | "
+        lines.append(f"| {g['gate']} | {g['domain']} | {value_text(g)} | {g['limit']:g} | "
                      f"{'pass' if g['passed'] else '**FAIL**'} |")
     if not report["gates"]:
         lines.append("| (none requested) | | | | |")
@@ -144,7 +146,7 @@ def html_report(report: dict, verdict_line: str, examples: dict | None = None,
         f"<td>{r['protected']:.1f} %</td><td>{_fmt(r['drop'], '+.1f')}</td><td>{_fmt(r['st_d'], '.3f')}</td></tr>"
         for r in domain_rows(report))
     gates = "".join(
-        f"<tr><td>{g['gate']}</td><td>{esc(g['domain'])}</td><td>{g['value']:.2f}</td><td>{g['limit']:g}</td>"
+        f"<tr><td>{g['gate']}</td><td>{esc(g['domain'])}</td><td>{esc(value_text(g))}</td><td>{g['limit']:g}</td>"
         f"<td class='{'ok' if g['passed'] else 'bad'}'>{'pass' if g['passed'] else 'FAIL'}</td></tr>"
         for g in report["gates"]) or "<tr><td colspan=5>(none requested)</td></tr>"
     figures = "".join(f"<figure><img alt='{k}' src='{v}'><figcaption>{k}</figcaption></figure>" for k, v in imgs.items())

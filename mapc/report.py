@@ -20,7 +20,8 @@ drops in points):
                        initializer_bytes_before, initializer_bytes_after, details}]
     timings          {load_seconds, mask_seconds, export_seconds, passes_seconds,
                       validate_seconds, total_seconds}
-    gates            [{gate, limit, value, domain, passed}]
+    gates            [{gate, limit, value, domain, passed}]; value null and not_measured (why)
+                     when a requested gate had nothing to measure: it fails
     passed           bool
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from .gates import value_text
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -73,7 +75,8 @@ def table(report: dict) -> str:
 
 def verdict(report: dict) -> str:
     """One line: ``PASSED | summary`` or ``FAILED | <failed gates> | summary``."""
-    failed = [f"{g['gate']}[{g['domain']}]={g['value']:.1f} (limit {g['limit']:g})" for g in report["gates"] if not g["passed"]]
+    failed = [f"{g['gate']}[{g['domain']}]={value_text(g, '.1f')} (limit {g['limit']:g})"
+              for g in report["gates"] if not g["passed"]]
     parts = []
     if report.get("source_drop") is not None:
         parts.append(f"source drop {report['source_drop']:+.1f} pts")
@@ -97,7 +100,7 @@ def verify_table(report: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"providers: {', '.join(report['providers'])}; artifact sha256 {report['artifact']['sha256'][:16]}...")
     for g in report["gates"]:
-        lines.append(f"gate {g['gate']}[{g['domain']}]: {g['value']:.2f} vs {g['limit']:g} -> "
+        lines.append(f"gate {g['gate']}[{g['domain']}]: {value_text(g)} vs {g['limit']:g} -> "
                      f"{'pass' if g['passed'] else 'FAIL'}")
     return "\n".join(lines)
 

@@ -90,6 +90,22 @@ def test_mode_end_to_end_on_tiny_model(tmp_path, tiny_models, small_domains, mod
                                                            else "real train rows")
 
 
+def test_without_authorized_data_the_source_gate_fails_closed(tmp_path, tiny_models, small_domains):
+    """Source-free with no --authorized: nothing measures the authorized domain, so the default
+    max_source_drop gate fails (exit 1) instead of being skipped; --no-gates builds without gates."""
+    cfg = tmp_path / "fast.toml"
+    cfg.write_text("[synthesis]\nimages = 32\nbatch = 32\nsteps = 5\n")
+    base = ["--config", cfg, tiny_models["residual"]["export"], "--mode", "source-free", "--input-size", "16", "16",
+            "--steps", "5", "-q", "--unauthorized", f"syn={small_domains['syn']}"]
+    r = run_cli([*base, "-o", tmp_path / "gated"])
+    assert r.exit_code == 1, r.output + r.stderr
+    assert "max_source_drop[-]=not measured (no authorized data" in r.stdout.strip().splitlines()[-1]
+    report = json.loads((tmp_path / "gated" / "report.json").read_text())
+    assert report["passed"] is False and report["gates"][0]["value"] is None
+    r = run_cli([*base, "--no-gates", "-o", tmp_path / "ungated"])
+    assert r.exit_code == 0 and r.stdout.strip().splitlines()[-1].startswith("PASSED")
+
+
 def test_mode_data_combinations_are_clear_errors(tmp_path, tiny_models, small_domains):
     r = run_cli([tiny_models["residual"]["export"], "--mode", "source-free", "--input-size", "16", "16",
                  "-o", tmp_path / "o", "-q"])

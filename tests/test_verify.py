@@ -105,3 +105,17 @@ def test_html_report_is_one_file_with_embedded_images(tmp_path, artifact, small_
 def test_compile_writes_the_same_human_reports(artifact):
     folder = artifact.parent
     assert (folder / "report.md").exists() and "data:image/png;base64," in (folder / "report.html").read_text()
+
+
+def test_a_gate_with_nothing_to_measure_fails_closed(tmp_path, artifact, small_domains):
+    """--max-target-acc with only authorized data: the gate is recorded as not measured and fails."""
+    rep = tmp_path / "v" / "report.json"
+    r = verify(artifact, "--authorized", f"mnist={small_domains['mnist']}", "--max-target-acc", "100",
+               "--report", rep)
+    assert r.exit_code == 1, r.output
+    assert "max_target_acc[-]=not measured" in r.stdout.strip().splitlines()[-1]
+    report = json.loads(rep.read_text())
+    jsonschema.validate(report, SCHEMA)
+    gate = report["gates"][0]
+    assert gate["value"] is None and gate["passed"] is False and "--unauthorized" in gate["not_measured"]
+    assert "not measured" in (tmp_path / "v" / "report.md").read_text()
