@@ -118,7 +118,7 @@ class MaskedParam:
     name: str
     param: torch.nn.Parameter
     original: torch.Tensor      # W0, a private copy
-    score: torch.Tensor         # leaf tensor optimised by Adam
+    score: torch.Tensor         # the optimised leaf tensor
     lock: torch.Tensor | None = None   # bool, score's shape: entries kept whatever the score
 
     def mask(self) -> torch.Tensor:
@@ -222,7 +222,7 @@ def saliency(module: torch.nn.Module, masked: list[MaskedParam], x: torch.Tensor
              batch: int = 256) -> list[torch.Tensor]:
     """Per masked parameter, sum over batches of (dCE/dW * W0)^2, in the score's shape.
 
-    The frozen (unmasked) weights are in place; parameter gradients are cleared afterwards.
+    Computed with the frozen (unmasked) weights in place; torch.autograd.grad leaves ``.grad`` untouched.
     """
     restore_values(masked)
     total = [torch.zeros_like(m.score) for m in masked]
@@ -241,7 +241,7 @@ def saliency(module: torch.nn.Module, masked: list[MaskedParam], x: torch.Tensor
 
 
 def top_fraction(values: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Boolean tensor marking the ``ceil(fraction * n)`` largest entries (ties broken by position)."""
+    """Boolean tensor marking the ``ceil(fraction * n)`` largest entries (ties as torch.topk picks them)."""
     flat = values.flatten()
     k = math.ceil(fraction * flat.numel())
     out = torch.zeros(flat.numel(), dtype=torch.bool, device=values.device)
