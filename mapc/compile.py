@@ -35,8 +35,8 @@ from .gates import evaluate_gates
 from .masking import TrainData, learn_mask, masked_forward, split_validation
 from .models import load_model
 from .preprocess import apply
-from .human_report import html_report, markdown
-from .report import REPORT_SCHEMA_VERSION, verdict, write_report_json
+from .synthesis import to_uint8_images
+from .report import REPORT_SCHEMA_VERSION, report_files, tool_versions, verdict
 
 ARTIFACT = "protected.onnx"
 REPORT = "report.json"
@@ -134,7 +134,8 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
         y = torch.from_numpy(s.y_train).to(device) if s.y_train is not None else predict(module, x).argmax(1)
         return split_validation(x, y, cfg.mask.val_rows, rng)
 
-    if mode == "source-available":
+    synthesized = mode != "source-available"
+    if not synthesized:
         (ax, ay), va = tensors(splits[auth_name])
         has_auth_labels = splits[auth_name].y_train is not None
     else:
@@ -164,7 +165,7 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
             unauth.append(tr)
             vunauth.append(vv)
     data = TrainData(ax, ay if has_auth_labels else None, teacher, unauth, va, vunauth)
-    mask_cfg = cfg.mask.resolved_for(synthesized_authorized=mode != "source-available")
+    mask_cfg = cfg.mask.resolved_for(synthesized_authorized=synthesized)
     result = learn_mask(module, data, num_classes, mask_cfg, cfg.seed, device, progress=progress)
     module.to("cpu")
     timings["mask_seconds"] = time.perf_counter() - t0
@@ -177,7 +178,7 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
     original_onnx, timings["export_seconds"] = export_onnx(module, loaded.format, cfg.preprocess.input_shape)
     params = dict(module.named_parameters())
     originals = {n: params[n].detach().cpu().numpy().copy() for n in result.masks}
-    learned_from = {"authorized": "real train rows" if mode == "source-available" else "synthesized",
+    learned_from = {"authorized": "synthesized" if synthesized else "real train rows",
                     "unauthorized": "synthesized neighbor domains" if mode == "data-free" else "real train rows"}
     metadata = {
         "version": __version__, "mode": mode,
@@ -233,8 +234,7 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
     timings["total_seconds"] = time.perf_counter() - t_all
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
-        "tool": {"name": "mapc", "version": __version__, "torch": torch.__version__,
-                 "onnx": __import__("onnx").__version__, "onnxruntime": __import__("onnxruntime").__version__},
+        "tool": tool_versions(),
         "command": "compile", "mode": mode, "seed": cfg.seed,
         "model": {"path": str(cfg.model), "format": loaded.format, "num_classes": num_classes,
                   "weights_sha256": fingerprint},
@@ -257,25 +257,13 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
         with staged_dir(outdir) as stage:
             written = passes.save_model(protected, stage / ARTIFACT, external_threshold)
             report["artifact_files"] = [p.name for p in written]
-            write_report_json(stage / REPORT, report)
-            line = verdict(report)
-            (stage / "report.md").write_text(markdown(report, line))
-            (stage / "report.html").write_text(html_report(report, line, examples, synthetic_preview_images(
-                synthetic_preview, cfg)))
+            preview = None if synthetic_preview is None else to_uint8_images(synthetic_preview, cfg.preprocess)
+            for suffix, data in report_files(report, verdict(report), examples, preview).items():
+                (stage / REPORT).with_suffix(suffix).write_bytes(data)
     except OSError as e:
         raise UserError(f"{outdir}: cannot write the output folder ({e.strerror or e}); pick a writable -o")
     report["artifact"] = str(outdir / ARTIFACT)
     return report
-
-
-def synthetic_preview_images(x: torch.Tensor | None, cfg: CompileConfig) -> np.ndarray | None:
-    """Synthesized images back in uint8 pixel space, NxHxWxC, for the report grid."""
-    if x is None:
-        return None
-    mean = torch.tensor(cfg.preprocess.mean).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.preprocess.std).view(1, -1, 1, 1)
-    pix = ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return pix[..., 0] if pix.shape[-1] == 1 else pix
 
 
 def check_output_dir(outdir: Path) -> None:

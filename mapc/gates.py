@@ -27,11 +27,11 @@ def evaluate_gates(g: Gates, domains: dict[str, dict], source: str | None) -> li
     if g.max_source_drop is not None:
         v = domains[source].get("drop") if source is not None else None
         out.append(_gate("max_source_drop", g.max_source_drop, v, source or "-",
-                         None if v is None else v <= g.max_source_drop, "no authorized data; give --authorized NAME=PATH"))
+                         v is not None and v <= g.max_source_drop, "no authorized data; give --authorized NAME=PATH"))
     unauth = {n: e for n, e in domains.items() if e["role"] == "unauthorized"}
     for name, limit in (("max_target_acc", g.max_target_acc), ("min_target_drop", g.min_target_drop)):
         if limit is not None and not unauth:
-            out.append(_gate(name, limit, None, "-", None, "no unauthorized data; give --unauthorized NAME=PATH"))
+            out.append(_gate(name, limit, None, "-", False, "no unauthorized data; give --unauthorized NAME=PATH"))
     for n, e in unauth.items():
         if g.max_target_acc is not None:
             out.append(_gate("max_target_acc", g.max_target_acc, e["protected_acc"], n,
@@ -41,8 +41,7 @@ def evaluate_gates(g: Gates, domains: dict[str, dict], source: str | None) -> li
     return out
 
 
-def _gate(name: str, limit: float, value: float | None, domain: str, passed: bool | None,
-          missing: str = "") -> dict:
+def _gate(name: str, limit: float, value: float | None, domain: str, passed: bool, missing: str = "") -> dict:
     entry = {"gate": name, "limit": limit, "value": value, "domain": domain, "passed": bool(passed)}
     if value is None:
         entry["not_measured"] = missing

@@ -195,15 +195,19 @@ def restore_values(masked: list[MaskedParam]) -> None:
 
 
 def restore(masked: list[MaskedParam]) -> None:
-    with torch.no_grad():
-        for m in masked:
-            m.param.copy_(m.original)
-            m.param.requires_grad_(False)
+    restore_values(masked)
+    for m in masked:
+        m.param.requires_grad_(False)
+
+
+def to_score_shape(t: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor in the score's shape: summed over each output channel for channel masks."""
+    return t if t.shape == score.shape else t.sum(dim=tuple(range(1, t.ndim)), keepdim=True)
 
 
 @torch.no_grad()
 def backprop_scores(masked: list[MaskedParam], temperature: float) -> None:
-    """Chain dL/dW_eff to the scores through the sigmoid surrogate."""
+    """Chain dL/dW_eff to the scores through the sigmoid surrogate; locked entries get none."""
     for m in masked:
         g = m.param.grad
         if g is None:
@@ -211,10 +215,9 @@ def backprop_scores(masked: list[MaskedParam], temperature: float) -> None:
             continue
         s = torch.sigmoid(m.score / temperature)
         surrogate = s * (1 - s) / temperature
-        gw = g * m.original
-        if gw.shape != m.score.shape:
-            gw = gw.sum(dim=tuple(range(1, gw.ndim)), keepdim=True)
-        m.score.grad = gw * surrogate
+        m.score.grad = to_score_shape(g * m.original, m.score) * surrogate
+        if m.lock is not None:
+            m.score.grad[m.lock] = 0.0
         m.param.grad = None
 
 
@@ -233,10 +236,7 @@ def saliency(module: torch.nn.Module, masked: list[MaskedParam], x: torch.Tensor
             for k, (m, g) in enumerate(zip(masked, grads)):
                 if g is None:
                     continue
-                sal = (g * m.original).pow(2)
-                if sal.shape != m.score.shape:
-                    sal = sal.sum(dim=tuple(range(1, sal.ndim)), keepdim=True)
-                total[k] += sal
+                total[k] += to_score_shape((g * m.original).pow(2), m.score)
     return total
 
 
@@ -402,9 +402,6 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) ->
             opt.zero_grad(set_to_none=True)
             loss.backward()
             backprop_scores(masked, cfg.temperature)
-            for m in masked:
-                if m.lock is not None:
-                    m.score.grad[m.lock] = 0.0
             if cfg.optimizer == "sgd":
                 for sc in scores:
                     sc.grad /= sc.grad.pow(2).mean().sqrt() + 1e-12

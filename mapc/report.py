@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
 from .gates import value_text
 
 REPORT_SCHEMA_VERSION = 1
@@ -46,8 +47,38 @@ def _clean(o):
     return o
 
 
-def write_report_json(path: Path, report: dict) -> None:
-    Path(path).write_text(json.dumps(_clean(report), indent=2, sort_keys=False) + "\n")
+def tool_versions() -> dict:
+    """Versions of mapc and the libraries that produced a report (torch only when it is loaded)."""
+    import sys
+
+    import numpy as np
+    import onnx
+    import onnxruntime
+
+    from . import __version__
+    out = {"name": "mapc", "version": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+           "numpy": np.__version__}
+    if "torch" in sys.modules:
+        out["torch"] = sys.modules["torch"].__version__
+    return out
+
+
+def report_files(report: dict, verdict_line: str, examples: dict | None = None, synthetic=None) -> dict[str, bytes]:
+    """The three report files by suffix: .json (with the verdict), .md and a one-file .html."""
+    from .human_report import html_report, markdown
+
+    payload = dict(report, verdict=verdict_line)
+    return {".json": (json.dumps(_clean(payload), indent=2) + "\n").encode(),
+            ".md": markdown(report, verdict_line).encode(),
+            ".html": html_report(report, verdict_line, examples, synthetic).encode()}
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows as columns padded to width (first two left-aligned), with a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
 
 
 def table(report: dict) -> str:
@@ -56,9 +87,7 @@ def table(report: dict) -> str:
         std = d.get("st_d")
         rows.append((name, d["role"], str(d["n_test"]), f"{d['original_acc']:.1f} %", f"{d['protected_acc']:.1f} %",
                      f"{d['drop']:+.1f}", "-" if std is None else f"{std:.3f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _aligned(rows)
     t = report["timings"]
     p = report["parity"]
     lines.append("")
@@ -67,7 +96,8 @@ def table(report: dict) -> str:
     lines.append(f"mask: {report['mask']['granularity']}, {report['mask']['pruned_fraction'] * 100:.1f} % pruned; "
                  f"latency batch 256: {report['latency_ms_batch256']['original']:.1f} -> "
                  f"{report['latency_ms_batch256']['protected']:.1f} ms (ratio {report['latency_ms_batch256']['ratio']:.2f})")
-    lines.append(f"time: mask {t['mask_seconds']:.1f} s, export {t['export_seconds']:.1f} s, "
+    synthesis = f"synthesis {t['synthesis_seconds']:.1f} s, " if "synthesis_seconds" in t else ""
+    lines.append(f"time: {synthesis}mask {t['mask_seconds']:.1f} s, export {t['export_seconds']:.1f} s, "
                  f"passes {t['passes_seconds']:.1f} s, validate {t['validate_seconds']:.1f} s, "
                  f"total {t['total_seconds']:.1f} s; providers {','.join(report['providers'])}")
     return "\n".join(lines)
@@ -95,9 +125,7 @@ def verify_table(report: dict) -> str:
         lo, hi = d["protected_ci95"]
         rows.append((name, d["role"], str(d["n"]), "-" if d.get("original_acc") is None else f"{d['original_acc']:.1f} %",
                      f"{d['protected_acc']:.1f} %", f"{lo:.1f}-{hi:.1f}", "-" if d.get("drop") is None else f"{d['drop']:+.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _aligned(rows)
     lines.append(f"providers: {', '.join(report['providers'])}; artifact sha256 {report['artifact']['sha256'][:16]}...")
     for g in report["gates"]:
         lines.append(f"gate {g['gate']}[{g['domain']}]: {value_text(g)} vs {g['limit']:g} -> "
@@ -108,10 +136,7 @@ def verify_table(report: dict) -> str:
 def write_reports(json_path, report: dict, verdict_line: str, examples: dict | None = None) -> None:
     """report.json at ``json_path``; report.md and report.html beside it; each written atomically."""
     from .atomic import write_bytes_atomic
-    from .human_report import html_report, markdown
 
     json_path = Path(json_path)
-    payload = dict(report, verdict=verdict_line)
-    write_bytes_atomic(json_path, (json.dumps(_clean(payload), indent=2) + "\n").encode())
-    write_bytes_atomic(json_path.with_suffix(".md"), markdown(report, verdict_line).encode())
-    write_bytes_atomic(json_path.with_suffix(".html"), html_report(report, verdict_line, examples).encode())
+    for suffix, data in report_files(report, verdict_line, examples).items():
+        write_bytes_atomic(json_path.with_suffix(suffix), data)

@@ -31,6 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -190,12 +191,28 @@ def invert(module: nn.Module, model_format: str, input_shape: tuple[int, int, in
     return images, labels.to(device), stats
 
 
+def _mean_std(x: torch.Tensor, pre_mean, pre_std) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(pre_mean, device=x.device).view(1, -1, 1, 1),
+            torch.tensor(pre_std, device=x.device).view(1, -1, 1, 1))
+
+
+def to_pixels(x: torch.Tensor, pre_mean, pre_std) -> torch.Tensor:
+    """Normalised model input back to [0, 1] pixels (the inverse of preprocessing, clamped)."""
+    mean, std = _mean_std(x, pre_mean, pre_std)
+    return (x * std + mean).clamp(0, 1)
+
+
+def to_uint8_images(x: torch.Tensor, pre) -> np.ndarray:
+    """Normalised NCHW input -> uint8 NxHxWxC (NxHxW for one channel), e.g. for the report's image grid."""
+    pix = (to_pixels(x.cpu(), pre.mean, pre.std) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return pix[..., 0] if pix.shape[-1] == 1 else pix
+
+
 def neighbor_domains(x: torch.Tensor, seed: int, pre_mean: tuple[float, ...], pre_std: tuple[float, ...]) -> list[torch.Tensor]:
     """Class-preserving shifts of synthetic images (normalised space in, normalised space out)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    mean = torch.tensor(pre_mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(pre_std, device=x.device).view(1, -1, 1, 1)
-    pix = (x * std + mean).clamp(0, 1)                      # back to [0, 1] pixels
+    mean, std = _mean_std(x, pre_mean, pre_std)
+    pix = to_pixels(x, pre_mean, pre_std)
     n, c, h, w = pix.shape
 
     def rand(*shape):

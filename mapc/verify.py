@@ -17,12 +17,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import __version__
 from .datasets import Domain, load_domain
 from .errors import UserError
 from .gates import Gates as VerifyGates, evaluate_gates
 from .evaluate import accuracy, run_logits, session, st_d, wilson_interval
 from .preprocess import Preprocess, apply, preprocess_from
+from .report import tool_versions
 
 
 @dataclass
@@ -127,13 +127,13 @@ def verify(req: VerifyRequest) -> dict:
         x = apply(pre, d.images[rows])
         y = d.labels[rows]
         lp = run_logits(s_prot, x)
+        ap = accuracy(lp, y)
         entry = {"role": roles[name], "path": str(path), "n": int(len(y)),
                  "rows": "test" if d.has_split else "all (no split)",
-                 "protected_acc": accuracy(lp, y), "protected_ci95": wilson_interval(accuracy(lp, y), len(y))}
+                 "protected_acc": ap, "protected_ci95": wilson_interval(ap, len(y))}
         if s_base is not None:
-            lo = run_logits(s_base, x)
-            entry.update(original_acc=accuracy(lo, y), original_ci95=wilson_interval(accuracy(lo, y), len(y)))
-            entry["drop"] = entry["original_acc"] - entry["protected_acc"]
+            ao = accuracy(run_logits(s_base, x), y)
+            entry.update(original_acc=ao, original_ci95=wilson_interval(ao, len(y)), drop=ao - ap)
         domains[name] = entry
         k = min(6, len(rows))
         examples[name] = {"images": d.images[rows[:k]], "labels": y[:k].tolist(),
@@ -174,13 +174,3 @@ def verify(req: VerifyRequest) -> dict:
             pass
     report["_examples"] = examples  # for the human reports only; not part of report.json
     return report
-
-
-def tool_versions() -> dict:
-    import onnxruntime
-    out = {"name": "mapc", "version": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-           "numpy": np.__version__}
-    import sys
-    if "torch" in sys.modules:
-        out["torch"] = sys.modules["torch"].__version__
-    return out
