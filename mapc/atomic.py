@@ -1,8 +1,15 @@
-"""Atomic output: an output folder appears complete or not at all.
+"""Atomic output: an output folder appears complete or not at all, and is replaced as a whole.
 
-Files are written into a hidden staging folder beside the target and moved
-into place with ``os.replace`` only after every file is written; on any
-error the staging folder is removed and an existing target is left as it was.
+Files are written into a hidden staging folder beside the target. Only after
+every file is written is the staging folder renamed to the target: an
+existing target is first renamed aside, then removed once the new folder is
+in place, so stale files (an old ``protected.onnx.data`` beside a new artifact)
+never survive and nothing is merged. On any error before the swap the staging
+folder is removed and the old target is left exactly as it was; if the swap
+itself fails, the old target is renamed back.
+
+Safety: a target is only ever replaced if it holds nothing but files mapc
+writes (``OWNED``); ``check_replaceable`` refuses anything else before work starts.
 """
 from __future__ import annotations
 
@@ -13,20 +20,49 @@ import tempfile
 from pathlib import Path
 
 
+OWNED = frozenset({"protected.onnx", "protected.onnx.data", "report.json", "report.md", "report.html"})
+
+
+def foreign_entries(target: Path) -> list[str]:
+    """Names in ``target`` that mapc does not write (empty when it is absent or holds only mapc output)."""
+    if not target.is_dir():
+        return []
+    return sorted(p.name for p in target.iterdir() if p.name not in OWNED or not p.is_file())
+
+
 @contextlib.contextmanager
 def staged_dir(target: str | Path):
-    """Yield a staging folder; on success its files replace those of ``target``."""
+    """Yield a staging folder; on success it replaces ``target`` as a whole."""
     target = Path(target)
-    parent = target.resolve().parent
+    parent = target.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=parent))
     try:
         yield stage
-        target.mkdir(exist_ok=True)
-        for f in stage.iterdir():
-            os.replace(f, target / f.name)
+        foreign = foreign_entries(target)
+        if foreign:  # checked before work started too; a folder may have changed meanwhile
+            raise FileExistsError(f"{target} now holds files mapc did not write ({foreign[0]})")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)   # mkdtemp makes 0700; give the folder ordinary permissions
+        _swap_in(stage, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _swap_in(stage: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(stage, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=stage.parent))
+    aside.rmdir()                      # reserve a unique name, then move the old folder there
+    os.rename(target, aside)
+    try:
+        os.rename(stage, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

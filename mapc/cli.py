@@ -21,7 +21,18 @@ def fail(message: str) -> None:
 
 
 class MapcGroup(click.Group):
-    """Turns UserError (and the PassError of a broken model) into one line and exit code 2."""
+    """Turns UserError, click's own usage errors (and the PassError of a broken model) into one line and an
+    exit code: 2 for bad input."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            fail("interrupted; nothing was written")
+        except click.ClickException as e:   # unknown option, bad choice, a path click already checked
+            fail(f"{e.format_message()} (see `mapc --help`)")
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
         from passes import PassError
@@ -81,7 +92,7 @@ def main():
 @click.option("--max-target-acc", type=float, help="Gate: every unauthorized domain at most this accuracy (%).")
 @click.option("--no-gates", is_flag=True,
               help="Build without gates (a requested gate that has no data to measure fails otherwise).")
-@click.option("--skip-pass", "skip_passes", multiple=True, metavar="NAME", help="Do not run this pass (see `mapc passes`).")
+@click.option("--skip-pass", "skip_passes", multiple=True, metavar="NAME", help="Do not run this optional pass (see `mapc passes`); fold_masks, seal, audit and check always run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no log lines on stderr.")
 def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch, trust_pickle, seed, device,
@@ -114,16 +125,16 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
 
     from .compile import compile_model
     from .config import CompileConfig, load_config, validate
-    from .datasets import parse_spec
+    from .datasets import parse_specs
     from .report import table, verdict
 
     cfg = load_config(config_path) if config_path else CompileConfig()
     if model:
         cfg.model = model
     if authorized:
-        cfg.authorized = dict(parse_spec(s) for s in authorized)
+        cfg.authorized = parse_specs(authorized, "--authorized")
     if unauthorized:
-        cfg.unauthorized = dict(parse_spec(s) for s in unauthorized)
+        cfg.unauthorized = parse_specs(unauthorized, "--unauthorized")
     for k, v in {"mode": mode, "arch": arch, "trust_pickle": trust_pickle, "seed": seed, "device": device}.items():
         if v is not None:
             setattr(cfg, k, v)
@@ -131,7 +142,7 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
         cfg.skip_passes = list(skip_passes)
     if granularity:
         cfg.mask = replace(cfg.mask, granularity=granularity)
-    if steps:
+    if steps is not None:
         cfg.mask = replace(cfg.mask, steps=steps)
     if keep_salient is not None:
         cfg.mask = replace(cfg.mask, keep_salient=keep_salient)
@@ -187,17 +198,22 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
           --authorized mnist=samples/digits/mnist.npz --unauthorized syn=samples/digits/syn.npz \\
           --max-source-drop 1.0 --max-target-acc 20 --report build/verify/report.json
     """
-    from .datasets import parse_spec
+    from .datasets import parse_specs
+    from .gates import validate_gates
     from .verify import VerifyGates, VerifyRequest, sealed_metadata, load_artifact, verify
     from .report import verify_table, verdict, write_reports
 
+    validate_gates(VerifyGates(max_source_drop, max_target_acc, min_target_drop))
+    if report_path:
+        check_writable_file(report_path, "--report")
     pre = None
     if input_size or channels or mean or std:
         from .preprocess import Preprocess, preprocess_from
         meta = sealed_metadata(load_artifact(artifact)).get("mapc.preprocess", {})
-        pre = _override_preprocess(preprocess_from(meta) if meta else Preprocess(), input_size, channels, mean, std)
-    req = VerifyRequest(artifact=artifact, authorized=dict(parse_spec(s) for s in authorized),
-                        unauthorized=dict(parse_spec(s) for s in unauthorized), baseline=baseline,
+        pre = _override_preprocess(preprocess_from(meta, f"{artifact}: sealed mapc.preprocess") if meta
+                                   else Preprocess(), input_size, channels, mean, std)
+    req = VerifyRequest(artifact=artifact, authorized=parse_specs(authorized, "--authorized"),
+                        unauthorized=parse_specs(unauthorized, "--unauthorized"), baseline=baseline,
                         gates=VerifyGates(max_source_drop, max_target_acc, min_target_drop), provider=provider,
                         preprocess=pre, arch=arch, trust_pickle=trust_pickle)
     overlap = set(req.authorized) & set(req.unauthorized)
@@ -207,7 +223,10 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     examples = report.pop("_examples")
     line = verdict(report)
     if report_path:
-        write_reports(report_path, report, line, examples)
+        try:
+            write_reports(report_path, report, line, examples)
+        except OSError as e:
+            raise UserError(f"{report_path}: cannot write the report ({e.strerror or e}); pick a writable --report")
     if as_json:
         click.echo(json.dumps(report, default=str))
     else:
@@ -229,6 +248,20 @@ def passes_cmd(as_json):
     w = max(len(n) for n, _ in rows)
     for i, (n, d) in enumerate(rows, 1):
         click.echo(f"{i}. {n.ljust(w)}  {d}")
+
+
+def check_writable_file(path: str, flag: str) -> None:
+    """Fail before any work if ``path`` cannot be written (its nearest existing folder must be writable)."""
+    import os
+    from pathlib import Path
+    p = Path(path)
+    if p.exists() and not p.is_file():
+        raise UserError(f"{p}: {flag} exists and is not a file; pick another path")
+    probe = p.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{p}: {flag}: {probe} is not a writable folder; pick a writable path")
 
 
 def _override_preprocess(base, input_size, channels, mean, std):

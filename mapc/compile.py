@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import passes
 
 from . import __version__
-from .atomic import staged_dir
+from .atomic import foreign_entries, staged_dir
 from .config import CompileConfig
 from .datasets import Domain, load_domain
 from .errors import UserError
@@ -66,6 +66,8 @@ def probe_classes(module: torch.nn.Module, input_shape: tuple[int, ...], model_p
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] < 2:
         raise UserError(f"{model_path}: expected class logits of shape (batch, classes), got "
                         f"{getattr(out, 'shape', type(out).__name__)}")
+    if not bool(torch.isfinite(out).all()):
+        raise UserError(f"{model_path}: the model's outputs are NaN or infinite on a zero input; fix the model")
     return int(out.shape[1])
 
 
@@ -191,11 +193,9 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
     # accuracy and latency ratios then measure the protection, not the optimiser
     baseline, _ = passes.run_pipeline(original_onnx, [passes.FoldConstants(), passes.FoldBatchNorm()])
     t0 = time.perf_counter()
-    try:
-        protected, records = passes.run_pipeline(original_onnx, passes.default_pipeline(result.masks, originals, metadata),
-                                                 skip=cfg.skip_passes)
-    except ValueError as e:
-        raise UserError(f"--skip-pass: {e}")
+    # skip names were validated with the config (unknown or mandatory passes are refused there)
+    protected, records = passes.run_pipeline(original_onnx, passes.default_pipeline(result.masks, originals, metadata),
+                                             skip=cfg.skip_passes)
     timings["passes_seconds"] = time.perf_counter() - t0
 
     # --- validate with onnxruntime on test rows ---
@@ -206,6 +206,9 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
     agree, max_diff, parity_n = 0, 0.0, 0
     for n, s in splits.items():
         lo, lp = run_logits(s_orig, s.x_test), run_logits(s_prot, s.x_test)
+        if not (np.isfinite(lo).all() and np.isfinite(lp).all()):
+            raise UserError(f"{cfg.model}: the model outputs NaN or infinite logits on {domains[n].path}; fix the "
+                            f"model or its preprocessing")
         labels = s.y_test if s.y_test is not None else lo.argmax(1)
         ref = masked_forward(module, result.masks, s.x_test)
         agree += int((ref.argmax(1) == lp.argmax(1)).sum())
@@ -261,7 +264,8 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
             for suffix, data in report_files(report, verdict(report), examples, preview).items():
                 (stage / REPORT).with_suffix(suffix).write_bytes(data)
     except OSError as e:
-        raise UserError(f"{outdir}: cannot write the output folder ({e.strerror or e}); pick a writable -o")
+        raise UserError(f"{outdir}: cannot write the output folder ({e.strerror or e}); nothing was changed there; "
+                        f"pick a writable -o")
     report["artifact"] = str(outdir / ARTIFACT)
     return report
 
@@ -270,6 +274,10 @@ def check_output_dir(outdir: Path) -> None:
     """Fail before any work if OUTDIR cannot be written (nothing is created here)."""
     if outdir.exists() and not outdir.is_dir():
         raise UserError(f"{outdir}: exists and is not a folder; pick another -o")
+    foreign = foreign_entries(outdir)
+    if foreign:
+        raise UserError(f"{outdir}: holds files mapc did not write (e.g. {foreign[0]!r}) and would be replaced as a "
+                        f"whole; pick an empty or new folder, or a previous mapc output folder")
     probe = outdir
     while not probe.exists():
         probe = probe.parent

@@ -3,7 +3,12 @@
 Precedence: built-in defaults < TOML file < command-line flags. Relative paths
 in a TOML file are relative to that file's folder, so a config can travel
 with its data. Unknown keys are errors (a typo must not silently fall back to
-a default). Nothing is read from environment variables.
+a default), and every value is checked against its field's declared type
+before any dataclass is built: ``trust_pickle = "false"`` is a string, not a
+boolean, and is refused, as is ``seed = "abc"`` or a NaN where a number is
+expected; an integer is accepted where a float is declared, and a single value
+where a tuple of them is (``mean = 0.5``). Nothing is read from environment
+variables.
 
 TOML layout::
 
@@ -23,11 +28,12 @@ TOML layout::
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .gates import Gates
+from .typed import typed_fields, typed_value
+from .gates import Gates, validate_gates
 from .masking import MaskConfig
 from .synthesis import SynthesisConfig
 from .preprocess import Preprocess, preprocess_from
@@ -66,14 +72,11 @@ class CompileConfig:
 
 
 def _table(cls, d: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise UserError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
     try:
-        return cls(**d)
-    except TypeError as e:
-        raise UserError(f"{where}: {e}")
+        return cls(**typed_fields(cls, d, where))
+    except UserError as e:
+        msg = str(e)
+        raise UserError(msg if msg.startswith(where) else f"{where}: {msg}")
 
 
 def load_config(path: str | Path) -> CompileConfig:
@@ -92,19 +95,23 @@ def load_config(path: str | Path) -> CompileConfig:
         q = Path(v)
         return str(q if q.is_absolute() else base / q)
 
-    top = {k: v for k, v in raw.items() if not isinstance(v, dict)}
     known_top = {"model", "arch", "trust_pickle", "mode", "seed", "device", "skip_passes"}
     known_tables = {"preprocess", "authorized", "unauthorized", "mask", "gates", "synthesis"}
-    unknown = (set(top) - known_top) | ({k for k, v in raw.items() if isinstance(v, dict)} - known_tables)
+    unknown = set(raw) - known_top - known_tables
     if unknown:
         raise UserError(f"{p}: unknown keys {sorted(unknown)}; known: {sorted(known_top | known_tables)}")
-    cfg = CompileConfig(**top)
+    for k in known_tables & set(raw):
+        if not isinstance(raw[k], dict):
+            raise UserError(f"{p}: {k} must be a table ([{k}] with keys below it), got {raw[k]!r}")
+    top = {k: raw[k] for k in known_top & set(raw)}
+    cfg = CompileConfig(**typed_fields(CompileConfig, top, str(p)))
     if cfg.model:
         cfg.model = rel(cfg.model)
-    cfg.authorized = {k: rel(v) for k, v in raw.get("authorized", {}).items()}
-    cfg.unauthorized = {k: rel(v) for k, v in raw.get("unauthorized", {}).items()}
+    for role in ("authorized", "unauthorized"):
+        table = typed_value(raw.get(role, {}), dict[str, str], str(p), f"[{role}]")
+        setattr(cfg, role, {k: rel(v) for k, v in table.items()})
     if "preprocess" in raw:
-        cfg.preprocess = preprocess_from(raw["preprocess"])
+        cfg.preprocess = preprocess_from(raw["preprocess"], f"{p} [preprocess]")
     cfg.mask = _table(MaskConfig, raw.get("mask", {}), f"{p} [mask]")
     cfg.gates = _table(Gates, {"max_source_drop": 1.0, **raw.get("gates", {})}, f"{p} [gates]")
     cfg.synthesis = _table(SynthesisConfig, raw.get("synthesis", {}), f"{p} [synthesis]")
@@ -122,3 +129,41 @@ def validate(cfg: CompileConfig, where: str = "config") -> None:
         raise UserError(f"{where}: domain names used as both authorized and unauthorized: {sorted(overlap)}")
     if len(cfg.authorized) > 1:
         raise UserError(f"{where}: one authorized domain is supported, got {sorted(cfg.authorized)}")
+    if cfg.seed < 0 or cfg.seed >= 2 ** 32:
+        raise UserError(f"{where}: seed must be in 0..2**32-1, got {cfg.seed}")
+    validate_gates(cfg.gates, where)
+    check_skippable(cfg.skip_passes, where)
+    for table, section in (("mask", cfg.mask), ("synthesis", cfg.synthesis)):
+        check_ranges(section, table, where)
+
+
+# numeric settings that must be > 0; every other number must be >= 0 except those that may be negative
+POSITIVE = {"mask": {"steps", "batch_size", "lr", "temperature", "eval_every"},
+            "synthesis": {"images", "batch", "steps", "lr"}}
+SIGNED = {"mask": {"score_init"}, "synthesis": set()}
+
+
+def check_ranges(section, table: str, where: str) -> None:
+    """Counts, rates and weights of ``[table]`` in range (one line naming the key on failure)."""
+    import math
+    from dataclasses import fields
+    for f in fields(section):
+        v = getattr(section, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            raise UserError(f"{where}: {table}.{f.name} must be a finite number, got {v!r}")
+        if f.name in POSITIVE[table] and v <= 0:
+            raise UserError(f"{where}: {table}.{f.name} must be positive, got {v!r}")
+        if f.name not in SIGNED[table] and v < 0:
+            raise UserError(f"{where}: {table}.{f.name} must not be negative, got {v!r}")
+
+
+def check_skippable(skip: list[str], where: str = "command line") -> None:
+    """``--skip-pass`` names: known passes only, and never one that the protection's integrity rests on."""
+    import passes
+    for name in skip:
+        if name not in passes.REGISTRY:
+            raise UserError(f"{where}: --skip-pass {name!r} is not a pass; `mapc passes` lists them")
+        if name in passes.MANDATORY:
+            raise UserError(f"{where}: --skip-pass {name}: this pass cannot be skipped ({passes.MANDATORY[name]})")

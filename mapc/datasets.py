@@ -14,6 +14,7 @@ labels, otherwise sorted folder names map to 0..K-1.
 """
 from __future__ import annotations
 
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 
 from .errors import UserError
 
+MAX_PIXELS = 4096 * 4096   # per image; larger files are refused before they are decoded (decompression bombs)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -52,6 +54,18 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
+def parse_specs(specs, flag: str) -> dict[str, str]:
+    """Repeated ``NAME=PATH`` flags -> {NAME: PATH}; a NAME given twice is an error, never a silent overwrite."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, path = parse_spec(spec)
+        if name in out:
+            raise UserError(f"{flag} {name}=...: the name {name!r} is given twice ({out[name]} and {path}); "
+                            f"give each domain its own name")
+        out[name] = path
+    return out
+
+
 def load_domain(name: str, path: str | Path, num_classes: int | None = None) -> Domain:
     p = Path(path)
     if not p.exists():
@@ -73,6 +87,8 @@ def load_domain(name: str, path: str | Path, num_classes: int | None = None) -> 
 
 
 def _load_npz(p: Path):
+    if not zipfile.is_zipfile(p):
+        raise UserError(f"{p}: not an .npz archive (np.savez writes one); rebuild or re-download it")
     try:
         with np.load(p, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -89,6 +105,8 @@ def _load_npz(p: Path):
                         f"convert with (x*255).round().astype('uint8')")
     if images.ndim == 4 and images.shape[-1] not in (1, 3, 4) or images.ndim not in (3, 4):
         raise UserError(f"{p}: 'images' has shape {images.shape}, expected NxHxW or NxHxWxC with C in 1, 3, 4")
+    if images.shape[1] == 0 or images.shape[2] == 0:
+        raise UserError(f"{p}: 'images' has shape {images.shape}: images of zero height or width")
     n = len(images)
     labels = arrays.get("labels")
     if labels is not None:
@@ -126,9 +144,19 @@ def _load_image_folder(p: Path):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(f) as im:
-                    arr = np.asarray(im.convert("L") if im.mode in ("L", "1", "P", "I", "I;16") else im.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as e:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(f) as im:
+                        w, h = im.size
+                        if w * h > MAX_PIXELS or w == 0 or h == 0:
+                            raise UserError(f"{f}: {w}x{h} pixels is not a plausible training image (limit "
+                                            f"{MAX_PIXELS:,} pixels); remove it or resize it")
+                        arr = np.asarray(im.convert("L") if im.mode in ("L", "1", "P", "I", "I;16")
+                                         else im.convert("RGB"))
+            except UserError:
+                raise
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                    Image.DecompressionBombWarning) as e:
                 raise UserError(f"{f}: not a readable image ({type(e).__name__}); remove or fix it")
             images.append(arr)
             labels.append(label_of[d.name])

@@ -37,7 +37,10 @@ def providers_for(device: str) -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
 
 
-def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: int = 0,
+            source: str | None = None) -> ort.InferenceSession:
+    """An onnxruntime session. ``source`` names a user's file: its load errors are then bad input (UserError).
+    ``device="cuda"`` is an error unless CUDA actually runs the session."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # a failed CUDA load is reported via get_providers(), not the console
     if threads:
@@ -49,11 +52,26 @@ def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: 
         # back to CPU with a console error. Keep the console quiet; get_providers() says what ran.
         ort.set_default_logger_severity(4)
     try:
-        return ort.InferenceSession(data, sess_options=opts, providers=providers)
+        sess = ort.InferenceSession(data, sess_options=opts, providers=providers)
     except Exception as e:
         if device == "cuda":
             raise UserError(f"onnxruntime could not start CUDA ({' '.join(str(e).split())[:160]}); use --device cpu")
+        if source is not None:
+            raise UserError(f"{source}: onnxruntime cannot load this model ({' '.join(str(e).split())[:200]})")
         raise
+    if device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
+        raise UserError("CUDA was requested but onnxruntime runs on " + ", ".join(sess.get_providers()) +
+                        " (CUDA or cuDNN libraries missing?); install them or use the cpu provider")
+    return sess
+
+
+def check_input_fits(sess: ort.InferenceSession, x: np.ndarray, data_name: str) -> None:
+    """Preprocessed rows must have the model input's static dimensions (batch excepted)."""
+    inp = sess.get_inputs()[0]
+    want = inp.shape[1:]
+    if len(want) != x.ndim - 1 or any(isinstance(w, int) and w != g for w, g in zip(want, x.shape[1:])):
+        raise UserError(f"{data_name}: rows preprocess to {tuple(x.shape[1:])} but the model's input "
+                        f"{inp.name!r} is {inp.shape}; fix --input-size/--channels (or the sealed preprocessing)")
 
 
 def run_logits(sess: ort.InferenceSession, x: np.ndarray, batch: int = 512) -> np.ndarray:

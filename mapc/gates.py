@@ -22,6 +22,28 @@ class Gates:
     min_target_drop: float | None = None    # points, every unauthorized domain
 
 
+LIMITS = {  # gate -> (lowest, highest) allowed limit; a limit outside makes a gate that cannot fail or cannot pass
+    "max_source_drop": (0.0, 100.0),
+    "max_target_acc": (0.0, 100.0),
+    "min_target_drop": (0.0, 100.0),
+}
+
+
+def validate_gates(g: Gates, where: str = "command line") -> None:
+    """Every limit finite and inside its range; max limits strictly below 100 (100 % always passes)."""
+    import math
+    from .errors import UserError
+    for name, (lo, hi) in LIMITS.items():
+        v = getattr(g, name)
+        if v is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi \
+                or (name.startswith("max") and v >= hi):
+            raise UserError(f"{where}: {flag} {v!r} is not a usable limit; give a number in [{lo:g}, {hi:g}"
+                            f"{')' if name.startswith('max') else ']'}")
+
+
 def evaluate_gates(g: Gates, domains: dict[str, dict], source: str | None) -> list[dict]:
     out = []
     if g.max_source_drop is not None:

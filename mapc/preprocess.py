@@ -12,6 +12,7 @@ bilinear (Pillow) and only happens when the stored size differs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -31,6 +32,8 @@ class Preprocess:
         size = self.size
         if isinstance(size, int):
             size = (size, size)
+        elif len(size) == 1:
+            size = (size[0], size[0])
         object.__setattr__(self, "size", tuple(int(s) for s in size))
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
@@ -45,8 +48,13 @@ class Preprocess:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise UserError(f"preprocess.mean and preprocess.std need {self.channels} values "
                             f"(one per channel), got {list(self.mean)} and {list(self.std)}")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise UserError(f"preprocess.mean and preprocess.std must be finite numbers, got {list(self.mean)} and "
+                            f"{list(self.std)}")
         if any(s <= 0 for s in self.std):
             raise UserError(f"preprocess.std must be positive, got {list(self.std)}")
+        if max(self.size) > 4096:
+            raise UserError(f"preprocess.size {self.size} is larger than 4096 pixels; pick the model's input size")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -93,14 +101,12 @@ def apply(pre: Preprocess, images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def preprocess_from(d: dict | None) -> Preprocess:
-    """Build a Preprocess from a TOML table or metadata dict; unknown keys are an error."""
-    d = dict(d or {})
-    known = set(Preprocess.__dataclass_fields__)
-    unknown = set(d) - known
-    if unknown:
-        raise UserError(f"unknown preprocess keys {sorted(unknown)}; known: {sorted(known)}")
-    return Preprocess(**d)
+def preprocess_from(d: dict | None, where: str = "preprocess") -> Preprocess:
+    """Build a Preprocess from a TOML table or metadata dict; unknown keys and mistyped values are errors."""
+    from .typed import typed_fields
+    if d is not None and not isinstance(d, dict):
+        raise UserError(f"{where}: expected a table of size, channels, mean, std; got {d!r}")
+    return Preprocess(**typed_fields(Preprocess, dict(d or {}), where))
 
 
 __all__ = ["Preprocess", "apply", "preprocess_from", "to_channels", "resize"]

@@ -107,6 +107,8 @@ def verdict(report: dict) -> str:
     """One line: ``PASSED | summary`` or ``FAILED | <failed gates> | summary``."""
     failed = [f"{g['gate']}[{g['domain']}]={value_text(g, '.1f')} (limit {g['limit']:g})"
               for g in report["gates"] if not g["passed"]]
+    failed += [f"integrity[{c['check']}]" for c in (report.get("integrity") or {}).get("checks", [])
+               if not c["passed"]]
     parts = []
     if report.get("source_drop") is not None:
         parts.append(f"source drop {report['source_drop']:+.1f} pts")
@@ -130,6 +132,8 @@ def verify_table(report: dict) -> str:
     for g in report["gates"]:
         lines.append(f"gate {g['gate']}[{g['domain']}]: {value_text(g)} vs {g['limit']:g} -> "
                      f"{'pass' if g['passed'] else 'FAIL'}")
+    for c in report.get("integrity", {}).get("checks", []):
+        lines.append(f"integrity {c['check']}: {c['detail']} -> {'pass' if c['passed'] else 'FAIL'}")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from .datasets import Domain, load_domain
 from .errors import UserError
 from .gates import Gates as VerifyGates, evaluate_gates
-from .evaluate import accuracy, run_logits, session, st_d, wilson_interval
+from .evaluate import accuracy, check_input_fits, run_logits, session, st_d, wilson_interval
 from .preprocess import Preprocess, apply, preprocess_from
 from .report import tool_versions
 
@@ -46,14 +46,42 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_artifact(path: str) -> onnx.ModelProto:
+def load_artifact(path: str, what: str = "artifact") -> onnx.ModelProto:
+    """An ONNX file with its external data, which must lie inside the file's folder."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{p}: no such artifact; pass the protected .onnx written by mapc compile")
+        raise UserError(f"{p}: no such {what}; pass the protected .onnx written by mapc compile")
+    if p.stat().st_size == 0:
+        raise UserError(f"{p}: the {what} file is empty")
     try:
-        return onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as e:
         raise UserError(f"{p}: not a readable ONNX model ({type(e).__name__})")
+    if len(model.graph.node) == 0 or len(model.graph.input) == 0 or len(model.graph.output) == 0:
+        raise UserError(f"{p}: not an ONNX model (no graph inputs, outputs or nodes); pass a .onnx artifact")
+    check_external_data(model, p)
+    try:
+        from onnx.external_data_helper import load_external_data_for_model
+        load_external_data_for_model(model, str(p.parent))
+    except Exception as e:
+        raise UserError(f"{p}: cannot read its external data ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
+    return model
+
+
+def check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Every external-data location is a relative path inside the model's folder, and exists."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    folder = path.resolve().parent
+    for t in _get_all_tensors(model):
+        if not uses_external_data(t):
+            continue
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or folder not in target.parents:
+            raise UserError(f"{path}: tensor {t.name!r} keeps its data at {location!r}, outside the model's folder; "
+                            f"refusing to read it")
+        if not target.is_file():
+            raise UserError(f"{path}: tensor {t.name!r} needs {location!r} beside the model; it is missing")
 
 
 def sealed_metadata(model: onnx.ModelProto) -> dict:
@@ -77,7 +105,7 @@ def baseline_session(req: VerifyRequest, pre: Preprocess, provider: str):
     if not p.is_file():
         raise UserError(f"{p}: no such baseline model")
     if p.suffix == ".onnx":
-        return session(str(p), provider), "onnx"
+        return session(load_artifact(str(p), "baseline").SerializeToString(), provider, source=str(p)), "onnx"
     from .export import export_onnx
     from .models import load_model
     loaded = load_model(p, req.arch, req.trust_pickle)
@@ -101,7 +129,7 @@ def verify(req: VerifyRequest) -> dict:
     if req.preprocess is not None:
         pre = req.preprocess
     elif "mapc.preprocess" in meta:
-        pre = preprocess_from(meta["mapc.preprocess"])
+        pre = preprocess_from(meta["mapc.preprocess"], f"{req.artifact}: sealed mapc.preprocess")
     else:
         raise UserError(f"{req.artifact}: carries no mapc.preprocess metadata; pass --input-size/--channels/--mean/--std")
     if not req.authorized and not req.unauthorized:
@@ -114,7 +142,7 @@ def verify(req: VerifyRequest) -> dict:
     if req.gates.max_source_drop is not None and not req.authorized:
         raise UserError("--max-source-drop needs --authorized data")
 
-    s_prot = session(str(req.artifact), req.provider)
+    s_prot = session(model.SerializeToString(), req.provider, source=str(req.artifact))
     num_classes = int(s_prot.get_outputs()[0].shape[-1]) if isinstance(s_prot.get_outputs()[0].shape[-1], int) else None
     s_base, base_format = (baseline_session(req, pre, req.provider) if req.baseline else (None, None))
 
@@ -126,12 +154,16 @@ def verify(req: VerifyRequest) -> dict:
         rows = eval_rows(d)
         x = apply(pre, d.images[rows])
         y = d.labels[rows]
+        check_input_fits(s_prot, x, f"{path} (domain {name!r})")
         lp = run_logits(s_prot, x)
+        if not np.isfinite(lp).all():
+            raise UserError(f"{req.artifact}: outputs NaN or infinite logits on {path}; the artifact is unusable")
         ap = accuracy(lp, y)
         entry = {"role": roles[name], "path": str(path), "n": int(len(y)),
                  "rows": "test" if d.has_split else "all (no split)",
                  "protected_acc": ap, "protected_ci95": wilson_interval(ap, len(y))}
         if s_base is not None:
+            check_input_fits(s_base, x, f"{path} (domain {name!r}, baseline)")
             ao = accuracy(run_logits(s_base, x), y)
             entry.update(original_acc=ao, original_ci95=wilson_interval(ao, len(y)), drop=ao - ap)
         domains[name] = entry
@@ -144,6 +176,9 @@ def verify(req: VerifyRequest) -> dict:
         if e["role"] == "unauthorized" and source_drop is not None and "drop" in e:
             e["st_d"] = st_d(source_drop, e["drop"])
     gates = evaluate_gates(req.gates, domains, src)
+    from passes import artifact_checks
+    checks = artifact_checks(model)
+    integrity = {"passed": all(c["passed"] for c in checks), "checks": checks}
     report = {
         "schema_version": 1,
         "command": "verify",
@@ -159,7 +194,8 @@ def verify(req: VerifyRequest) -> dict:
                                     default=None),
         "weight_density": weight_density(model),
         "gates": gates,
-        "passed": all(g["passed"] for g in gates),
+        "integrity": integrity,
+        "passed": all(g["passed"] for g in gates) and integrity["passed"],
         "timings": {"total_seconds": time.perf_counter() - t_all},
     }
     compile_report = Path(req.artifact).with_name("report.json")

@@ -18,8 +18,8 @@ The default pipeline, in order, and why:
 """
 from __future__ import annotations
 
-from .audit import Audit
-from .base import Pass, PassError, PassRecord, PassResult, run_pipeline
+from .audit import Audit, artifact_checks
+from .base import MANDATORY, Pass, PassError, PassRecord, PassResult, run_pipeline
 from .check import Check
 from .fold_batchnorm import FoldBatchNorm
 from .fold_constants import FoldConstants
@@ -46,6 +46,6 @@ def describe() -> list[tuple[str, str]]:
     return [(n, REGISTRY[n].description) for n in DEFAULT_ORDER]
 
 
-__all__ = ["Pass", "PassError", "PassRecord", "PassResult", "run_pipeline", "default_pipeline", "describe",
+__all__ = ["artifact_checks", "MANDATORY", "Pass", "PassError", "PassRecord", "PassResult", "run_pipeline", "default_pipeline", "describe",
            "REGISTRY", "DEFAULT_ORDER", "save_model", "PROTOBUF_LIMIT", "digest_arrays", "read_metadata", "FoldMasks", "FoldConstants",
            "FoldBatchNorm", "StripDeadChannels", "StripDebugInfo", "Seal", "Audit", "Check"]

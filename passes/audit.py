@@ -9,7 +9,11 @@ Fails the pipeline (PassError) when:
   output channel (BatchNorm folded in);
 - a tensor or node that looks like a mask or a pre-mask copy remains
   (``*mask*``, ``*_orig``), or a Mul reads such a tensor;
-- a doc string or metadata value holds an absolute file path or a traceback.
+- a doc string or metadata value holds an absolute file path or a traceback;
+- any of the artifact-only checks fails (``artifact_checks``: what ``mapc verify``
+  re-runs on a shipped file without the masks: sealed by mapc, the weights' zero
+  pattern matches the sealed digest, no mask-like tensor,
+  no leaked path or traceback).
 Invariant: the model is not changed.
 """
 from __future__ import annotations
@@ -60,13 +64,43 @@ def _check_stripped(key: str, a: np.ndarray, mask: np.ndarray) -> str | None:
     return None
 
 
+def artifact_checks(model: onnx.ModelProto) -> list[dict]:
+    """The audit's checks that need only the artifact: [{check, passed, detail}] in a fixed order."""
+    from .seal import read_metadata, zero_pattern_digest
+    meta = read_metadata(model)
+    out = []
+
+    def record(name: str, passed: bool, detail: str) -> None:
+        out.append({"check": name, "passed": bool(passed), "detail": detail})
+
+    sealed = meta.get("mapc.zero_pattern_sha256")
+    record("sealed", isinstance(sealed, str),
+           "mapc.* metadata present" if sealed else "no mapc.zero_pattern_sha256: not a sealed mapc artifact")
+    actual = zero_pattern_digest(model)
+    record("zero_pattern", sealed == actual,
+           "the weights' zeros match the sealed digest" if sealed == actual
+           else "the weights' zero pattern differs from the sealed digest: weights were edited after sealing")
+    suspicious = [t.name for t in model.graph.initializer if "mask" in t.name.lower() or t.name.lower().endswith("_orig")]
+    record("no_mask_tensors", not suspicious, f"mask-like tensors: {suspicious[:3]}" if suspicious else "none")
+    leak = next((s for s in _strings(model) if s and LEAK.search(s)), None)
+    record("no_leaks", leak is None, "no paths or tracebacks in strings" if leak is None
+           else f"a string leaks a path or traceback: {leak[:60]!r}")
+    return out
+
+
 class Audit:
     name = "audit"
     description = "fail if a masked position is non-zero, an unmasked original weight or mask remains, or paths leak"
 
-    def __init__(self, masks: dict[str, np.ndarray], originals: dict[str, np.ndarray]):
+    def __init__(self, masks: dict[str, np.ndarray], originals: dict[str, np.ndarray], require_seal: bool = True):
         self.masks = masks
         self.originals = originals
+        self.require_seal = require_seal   # False only for unit tests on unsealed graphs
+
+    def _applies(self, check: str) -> bool:
+        if check in ("sealed", "zero_pattern"):
+            return self.require_seal
+        return True
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -104,14 +138,8 @@ class Audit:
                         problems.append(f"initializer {n} equals the unmasked original of {key!r}")
                     elif a.shape == orig.shape and np.any(a[zeros]) and rowwise_scale(a, orig) is not None:
                         problems.append(f"initializer {n} is a per-channel rescaling of the unmasked original of {key!r}")
-        for t in model.graph.initializer:
-            low = t.name.lower()
-            if "mask" in low or low.endswith("_orig"):
-                problems.append(f"initializer {t.name!r} looks like a mask or a pre-mask copy")
-        for s in _strings(model):
-            if s and LEAK.search(s):
-                problems.append(f"a string in the model leaks a path or traceback: {s[:60]!r}")
-                break
+        problems += [f"{c['check']}: {c['detail']}" for c in artifact_checks(model)
+                     if not c["passed"] and self._applies(c["check"])]
         if problems:
             raise PassError(self.name, "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
         return PassResult(model, False, {"masked_weights_checked": checked})

@@ -73,6 +73,15 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+# Passes the protection's integrity rests on: a pipeline never runs without them (name -> why).
+MANDATORY = {
+    "fold_masks": "it writes the mask into the weights; without it the artifact is the unprotected model",
+    "seal": "it records the preprocessing and the weights' zero-pattern digest that `mapc verify` checks",
+    "audit": "it proves the artifact carries the mask and no unmasked copy of a weight",
+    "check": "it proves the artifact is a valid ONNX model",
+}
+
+
 def run_pipeline(model: onnx.ModelProto, passes: Sequence[Pass],
                  skip: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Run ``passes`` in order on a copy of ``model``; passes named in ``skip`` are not run."""
@@ -80,6 +89,9 @@ def run_pipeline(model: onnx.ModelProto, passes: Sequence[Pass],
     unknown = set(skip) - set(names)
     if unknown:
         raise ValueError(f"cannot skip {sorted(unknown)}: the pipeline has {names}")
+    forbidden = sorted(set(skip) & set(MANDATORY))
+    if forbidden:
+        raise ValueError(f"cannot skip {forbidden}: {MANDATORY[forbidden[0]]}")
     current = onnx.ModelProto()
     current.CopyFrom(model)
     records = []

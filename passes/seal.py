@@ -8,10 +8,15 @@ the ``mapc.*`` keys below (values are strings, JSON where structured), so
     domain names; in the data-free mode the unauthorized ones were only measured),
     mapc.learned_from (JSON: what the mask learned from, real rows or synthesized),
     mapc.preprocess (JSON: size, channels, mean, std), mapc.granularity,
-    mapc.mask_sha256, mapc.original_weights_sha256, mapc.report_schema
+    mapc.mask_sha256, mapc.original_weights_sha256, mapc.report_schema,
+    mapc.zero_pattern_sha256 (computed here from the final weights)
 
 Only digests of the mask and of the original weights are written, never
-the tensors.
+the tensors. ``mapc.zero_pattern_sha256`` lets anyone holding the artifact
+alone check that its weights still carry the zeros the mask put there:
+SHA-256 over (name, shape, packed bits of W == 0) of every initializer with
+two or more dimensions, in name order. Restoring a pruned weight, or any
+other edit of the zero pattern, changes it.
 """
 from __future__ import annotations
 
@@ -36,6 +41,18 @@ def digest_arrays(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def zero_pattern_digest(model: onnx.ModelProto) -> str:
+    """SHA-256 of where the weight tensors (2+ dims) are exactly zero; see the module docstring."""
+    from onnx import numpy_helper
+    h = hashlib.sha256()
+    for t in sorted((t for t in model.graph.initializer if len(t.dims) >= 2), key=lambda t: t.name):
+        a = numpy_helper.to_array(t)
+        h.update(t.name.encode())
+        h.update(str(a.shape).encode())
+        h.update(np.packbits(a.reshape(-1) == 0).tobytes())
+    return h.hexdigest()
+
+
 class Seal:
     name = "seal"
     description = "write mapc.* metadata: version, mode, domains, preprocessing, mask and weight digests"
@@ -47,10 +64,11 @@ class Seal:
         kept = [p for p in model.metadata_props if not p.key.startswith("mapc.")]
         del model.metadata_props[:]
         model.metadata_props.extend(kept)
-        for key, value in sorted(self.metadata.items()):
+        sealed = {**self.metadata, "mapc.zero_pattern_sha256": zero_pattern_digest(model)}
+        for key, value in sorted(sealed.items()):
             text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
             model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=text))
-        return PassResult(model, True, {"keys": sorted(self.metadata)})
+        return PassResult(model, True, {"keys": sorted(sealed)})
 
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, object]:

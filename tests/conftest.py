@@ -46,3 +46,18 @@ def save_all_formats(module: torch.nn.Module, folder: Path, name: str, size: int
 def tiny_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
     d = tmp_path_factory.mktemp("models")
     return {"residual": save_all_formats(residual(), d, "residual"), "plain": save_all_formats(plain(), d, "plain")}
+
+
+@pytest.fixture(scope="session")
+def artifact(tmp_path_factory, tiny_models, small_domains) -> Path:
+    """A protected artifact of the tiny plain model (30 mask steps), with its compile report beside it."""
+    from click.testing import CliRunner
+
+    from mapc.cli import main
+    out = tmp_path_factory.mktemp("compiled")
+    r = CliRunner().invoke(main, ["compile", str(tiny_models["plain"]["export"]), "--authorized",
+                                  f"mnist={small_domains['mnist']}", "--unauthorized", f"syn={small_domains['syn']}",
+                                  "--input-size", "16", "16", "--steps", "30", "--max-source-drop", "99",
+                                  "-o", str(out), "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return out / "protected.onnx"

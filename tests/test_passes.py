@@ -195,21 +195,21 @@ def test_audit_catches_unmasked_weight_mask_tensor_and_leaks():
     mask = np.ones((5, 4), np.uint8)
     mask[0] = 0
     with pytest.raises(PassError, match="audit"):
-        Audit({"fc1_weight": mask}, {"fc1_weight": w})(m)            # mask never folded
+        Audit({"fc1_weight": mask}, {"fc1_weight": w}, require_seal=False)(m)            # mask never folded
     folded = FoldMasks({"fc1_weight": mask}, {"fc1_weight": w})(gemm_model_from(m)).model
-    Audit({"fc1_weight": mask}, {"fc1_weight": w})(folded)           # passes
+    Audit({"fc1_weight": mask}, {"fc1_weight": w}, require_seal=False)(folded)           # passes
     leaked = gemm_model_from(folded)
     leaked.graph.initializer.append(numpy_helper.from_array(w, "backup"))
     with pytest.raises(PassError, match="equals the unmasked original"):
-        Audit({"fc1_weight": mask}, {"fc1_weight": w})(leaked)
+        Audit({"fc1_weight": mask}, {"fc1_weight": w}, require_seal=False)(leaked)
     masked_copy = gemm_model_from(folded)
     masked_copy.graph.initializer.append(numpy_helper.from_array(mask.astype(np.float32), "fc1_weight_mask"))
-    with pytest.raises(PassError, match="looks like a mask"):
-        Audit({"fc1_weight": mask}, {"fc1_weight": w})(masked_copy)
+    with pytest.raises(PassError, match="mask-like tensors"):
+        Audit({"fc1_weight": mask}, {"fc1_weight": w}, require_seal=False)(masked_copy)
     pathy = gemm_model_from(folded)
     pathy.graph.node[0].doc_string = 'Traceback (most recent call last): File "/home/u/x.py"'
     with pytest.raises(PassError, match="leaks"):
-        Audit({"fc1_weight": mask}, {"fc1_weight": w})(pathy)
+        Audit({"fc1_weight": mask}, {"fc1_weight": w}, require_seal=False)(pathy)
 
 
 def test_check_rejects_broken_graph():
@@ -232,10 +232,37 @@ def test_run_pipeline_records_and_skips_and_leaves_input_untouched():
     fm = records[0]
     assert fm.changed and fm.nodes_before == fm.nodes_after and fm.seconds >= 0
     assert fm.initializer_bytes_before == fm.initializer_bytes_after == sum(a.nbytes for a in w.values())
-    _, skipped = run_pipeline(m, pipeline, skip=["check"])
-    assert "check" not in [r.name for r in skipped]
+    _, skipped = run_pipeline(m, pipeline, skip=["strip_debug_info"])
+    assert "strip_debug_info" not in [r.name for r in skipped] and len(skipped) == len(records) - 1
     with pytest.raises(ValueError, match="cannot skip"):
         run_pipeline(m, pipeline, skip=["nope"])
+
+
+@pytest.mark.parametrize("name", sorted(passes.MANDATORY))
+def test_mandatory_passes_cannot_be_skipped(name):
+    m = gemm_model()
+    mask = np.ones((5, 4), np.uint8)
+    mask[:, 0] = 0
+    pipeline = passes.default_pipeline({"fc1_weight": mask}, {"fc1_weight": inits(m)["fc1_weight"]}, {"mode": "test"})
+    with pytest.raises(ValueError, match=f"cannot skip \\['{name}'\\]"):
+        run_pipeline(m, pipeline, skip=[name])
+
+
+def test_artifact_checks_catch_weights_edited_after_sealing():
+    m = gemm_model()
+    w = inits(m)
+    mask = np.ones((5, 4), np.uint8)
+    mask[:, 0] = 0
+    out, _ = run_pipeline(m, passes.default_pipeline({"fc1_weight": mask}, {"fc1_weight": w["fc1_weight"]},
+                                                     {"mode": "test", "version": "0"}))
+    assert all(c["passed"] for c in passes.artifact_checks(out))
+    for t in out.graph.initializer:   # restore the unmasked weight in place, as a tamperer would
+        if t.name == "fc1_weight":
+            t.CopyFrom(numpy_helper.from_array(w["fc1_weight"], "fc1_weight"))
+    failed = {c["check"] for c in passes.artifact_checks(out) if not c["passed"]}
+    assert "zero_pattern" in failed
+    with pytest.raises(passes.PassError, match="zero_pattern"):
+        passes.Audit({"fc1_weight": mask}, {"fc1_weight": w["fc1_weight"]})(out)
 
 
 from passes import StripDeadChannels  # noqa: E402
@@ -302,7 +329,8 @@ def test_strip_dead_channels_then_audit_accepts_shrunk_weights():
     mask1[[0, 2]] = 0
     masks = {"c1_weight": mask1}
     originals = {"c1_weight": w["c1_weight"]}
-    out, records = run_pipeline(m, [FoldMasks(masks, originals), StripDeadChannels(align=1), Audit(masks, originals),
+    out, records = run_pipeline(m, [FoldMasks(masks, originals), StripDeadChannels(align=1),
+                                    Audit(masks, originals, require_seal=False),
                                     Check()])
     assert records[1].changed and records[1].initializer_bytes_after < records[1].initializer_bytes_before
     assert inits(out)["c1_weight"].shape[0] == 2

@@ -63,7 +63,7 @@ def run_cli(args):
 
 def sf_args(tiny_models, small_domains, out, mode):
     args = [tiny_models["residual"]["export"], "--mode", mode, "--input-size", "16", "16", "--steps", "30",
-            "--max-source-drop", "100", "-o", out, "-q", "--authorized", f"mnist={small_domains['mnist']}"]
+            "--max-source-drop", "99", "-o", out, "-q", "--authorized", f"mnist={small_domains['mnist']}"]
     if mode == "source-free":
         args += ["--unauthorized", f"syn={small_domains['syn']}"]
     return args

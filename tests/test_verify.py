@@ -16,17 +16,6 @@ from tests.conftest import ROOT
 SCHEMA = json.loads((ROOT / "mapc" / "verify_report.schema.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory, tiny_models, small_domains) -> Path:
-    out = tmp_path_factory.mktemp("compiled")
-    r = CliRunner().invoke(main, ["compile", str(tiny_models["plain"]["export"]), "--authorized",
-                                  f"mnist={small_domains['mnist']}", "--unauthorized", f"syn={small_domains['syn']}",
-                                  "--input-size", "16", "16", "--steps", "30", "--max-source-drop", "100",
-                                  "-o", str(out), "-q"], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return out / "protected.onnx"
-
-
 def verify(*args):
     return CliRunner().invoke(main, ["verify", *map(str, args)], catch_exceptions=False)
 
@@ -35,7 +24,7 @@ def test_passing_gates_exit_0_and_report_follows_schema(tmp_path, artifact, tiny
     rep = tmp_path / "v" / "report.json"
     r = verify(artifact, "--authorized", f"mnist={small_domains['mnist']}", "--unauthorized",
                f"syn={small_domains['syn']}", "--baseline", tiny_models["plain"]["export"],
-               "--max-source-drop", "100", "--max-target-acc", "100", "--report", rep)
+               "--max-source-drop", "99", "--max-target-acc", "99", "--report", rep)
     assert r.exit_code == 0, r.output
     assert r.stdout.strip().splitlines()[-1].startswith("PASSED | ")
     report = json.loads(rep.read_text())
@@ -110,7 +99,7 @@ def test_compile_writes_the_same_human_reports(artifact):
 def test_a_gate_with_nothing_to_measure_fails_closed(tmp_path, artifact, small_domains):
     """--max-target-acc with only authorized data: the gate is recorded as not measured and fails."""
     rep = tmp_path / "v" / "report.json"
-    r = verify(artifact, "--authorized", f"mnist={small_domains['mnist']}", "--max-target-acc", "100",
+    r = verify(artifact, "--authorized", f"mnist={small_domains['mnist']}", "--max-target-acc", "99",
                "--report", rep)
     assert r.exit_code == 1, r.output
     assert "max_target_acc[-]=not measured" in r.stdout.strip().splitlines()[-1]
