@@ -201,7 +201,7 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     from .datasets import parse_specs
     from .gates import validate_gates
     from .verify import VerifyGates, VerifyRequest, sealed_metadata, load_artifact, verify
-    from .report import verify_table, verdict, write_reports
+    from .report import table, verdict, write_reports
 
     validate_gates(VerifyGates(max_source_drop, max_target_acc, min_target_drop))
     if report_path:
@@ -230,7 +230,7 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     if as_json:
         click.echo(json.dumps(report, default=str))
     else:
-        click.echo(verify_table(report))
+        click.echo(table(report))
     click.echo(line)
     sys.exit(0 if report["passed"] else 1)
 

@@ -1,16 +1,19 @@
 """The compile job: frozen model + data -> protected ONNX artifact + report.
 
-Steps (each timed): load model and data -> learn the mask on train rows ->
-export the original model -> run the pass pipeline (fold masks, optimise,
-strip, seal, audit, check) -> measure original and protected with
-onnxruntime on test rows -> parity of artifact vs masked torch model ->
-write OUTDIR/protected.onnx and OUTDIR/report.json atomically.
+``compile_model`` is the README's diagram as a list of stages, each timed and
+each returning a small dataclass: prepare (load model and data) -> learn (the
+mask, on train rows or synthesized ones) -> build_artifact (export the
+original, run the pass pipeline: fold masks, optimise, strip, seal, audit,
+check) -> measure (original and protected with onnxruntime on test rows, the
+path verify shares; parity with the masked torch model; latency) ->
+build_report -> write_outdir (OUTDIR replaced as a whole).
 
 Invariant: the unprotected model is never written to OUTDIR; the source
 model's weights are identical before and after (checked).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 
@@ -29,14 +33,15 @@ from .atomic import foreign_entries, staged_dir
 from .config import CompileConfig
 from .datasets import Domain, load_domain
 from .errors import UserError
-from .evaluate import accuracy, latency_pair_ms, run_logits, session, st_d, wilson_interval
+from .evaluate import latency_pair_ms, session
 from .export import export_onnx
 from .gates import evaluate_gates
-from .masking import TrainData, learn_mask, masked_forward, split_validation
-from .models import load_model
+from .masking import MaskConfig, MaskResult, TrainData, learn_mask, masked_forward, split_validation
+from .measure import Measurement, MeasuredRows, measure_domains
+from .models import LoadedModel, load_model
 from .preprocess import apply
 from .synthesis import to_uint8_images
-from .report import REPORT_SCHEMA_VERSION, report_files, tool_versions, verdict
+from .report import REPORT_SCHEMA_VERSION, report_files, report_header, verdict
 
 ARTIFACT = "protected.onnx"
 REPORT = "report.json"
@@ -81,19 +86,18 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 @dataclass
 class Split:
+    """A domain's preprocessed train rows (they teach the mask) and its measured test rows."""
     x_train: np.ndarray
     y_train: np.ndarray | None
-    x_test: np.ndarray
-    y_test: np.ndarray | None
+    test: MeasuredRows
 
 
-def prepare_domain(d: Domain, cfg: CompileConfig) -> Split:
-    tr, te = d.rows("train"), d.rows("test")
-    if len(tr) == 0 or len(te) == 0:
-        raise UserError(f"{d.path}: domain {d.name!r} has no {'train' if len(tr) == 0 else 'test'} rows in 'split'")
-    lab = d.labels
-    return Split(apply(cfg.preprocess, d.images[tr]), None if lab is None else lab[tr],
-                 apply(cfg.preprocess, d.images[te]), None if lab is None else lab[te])
+def prepare_domain(d: Domain, role: str, cfg: CompileConfig) -> Split:
+    tr = d.rows("train")
+    if len(tr) == 0:
+        raise UserError(f"{d.path}: domain {d.name!r} has no train rows in 'split'")
+    test = MeasuredRows.test_rows(d, role, cfg.preprocess)
+    return Split(apply(cfg.preprocess, d.images[tr]), None if d.labels is None else d.labels[tr], test)
 
 
 def predict(module: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
@@ -101,167 +105,237 @@ def predict(module: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torc
         return torch.cat([module(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
+class Clock:
+    """Named stage timings in seconds: ``with clock("mask_seconds"): ...``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, key: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[key] = time.perf_counter() - t0
+
+    def total(self) -> dict[str, float]:
+        return {**self.seconds, "total_seconds": time.perf_counter() - self.started}
+
+
+@dataclass
+class Prepared:
+    """Stage 1: the frozen model and the domains, loaded and checked."""
+    loaded: LoadedModel
+    num_classes: int
+    fingerprint: str
+    mode: str
+    device: torch.device
+    splits: dict[str, Split]
+    auth_name: str | None
+
+
+@dataclass
+class Learned:
+    """Stage 2: the mask, and what it learned from."""
+    result: MaskResult
+    mask_cfg: MaskConfig
+    learned_from: dict[str, str]
+    synthesis_stats: dict | None = None
+    synthetic_preview: torch.Tensor | None = None
+
+
+@dataclass
+class Built:
+    """Stage 3: the protected artifact and the unmasked baseline optimised alike."""
+    protected: onnx.ModelProto
+    baseline: onnx.ModelProto
+    records: list
+
+
+@dataclass
+class Measured:
+    """Stage 4: per-domain figures, artifact/torch parity and latency."""
+    measurement: Measurement
+    providers: list[str]
+    parity: dict
+    latency: dict
+
+
 def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
                   external_threshold: int = passes.PROTOBUF_LIMIT) -> dict:
-    timings: dict[str, float] = {}
+    """load -> learn the mask -> export and run the passes -> measure -> report -> write OUTDIR."""
     say = log if progress else (lambda _msg: None)  # -q: neither progress bars nor log lines
-    t_all = time.perf_counter()
+    clock = Clock()
+    check_output_dir(Path(outdir))
+    prepared = prepare(cfg, clock, say)
+    learned = learn(cfg, prepared, clock, say, progress)
+    built = build_artifact(cfg, prepared, learned, clock)
+    measured = measure(cfg, prepared, learned, built, clock)
+    report = build_report(cfg, prepared, learned, built, measured, clock)
+    return write_outdir(Path(outdir), report, built, measured, learned, cfg, external_threshold)
+
+
+def prepare(cfg: CompileConfig, clock: Clock, say) -> Prepared:
     mode = cfg.resolved_mode()
     check_mode_data(mode, cfg)
-    check_output_dir(Path(outdir))
     if cfg.model is None:
         raise UserError("no model given: pass MODEL or set model = \"...\" in the config")
     device = torch_device(cfg.device)
-
-    t0 = time.perf_counter()
-    loaded = load_model(cfg.model, cfg.arch, cfg.trust_pickle)
-    module = loaded.module
-    num_classes = probe_classes(module, cfg.preprocess.input_shape, cfg.model)
-    fingerprint = weights_fingerprint(module)
-    domains = {n: load_domain(n, p, num_classes) for n, p in {**cfg.authorized, **cfg.unauthorized}.items()}
+    with clock("load_seconds"):
+        loaded = load_model(cfg.model, cfg.arch, cfg.trust_pickle)
+        num_classes = probe_classes(loaded.module, cfg.preprocess.input_shape, cfg.model)
+        fingerprint = weights_fingerprint(loaded.module)
+        roles = {**{n: ("authorized", p) for n, p in cfg.authorized.items()},
+                 **{n: ("unauthorized", p) for n, p in cfg.unauthorized.items()}}
+        splits = {n: prepare_domain(load_domain(n, p, num_classes), role, cfg) for n, (role, p) in roles.items()}
     auth_name = next(iter(cfg.authorized), None)
-    splits = {n: prepare_domain(d, cfg) for n, d in domains.items()}
-    timings["load_seconds"] = time.perf_counter() - t0
     say(f"model {Path(cfg.model).name} ({loaded.format}), {num_classes} classes; mode {mode}; "
         f"authorized {auth_name or '-'}, unauthorized {', '.join(cfg.unauthorized) or '-'}; device {device}")
+    return Prepared(loaded, num_classes, fingerprint, mode, device, splits, auth_name)
 
-    # --- the data the mask learns from: real train rows, or synthesized (a validation slice selects the mask) ---
-    module.to(device)
+
+def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) -> Learned:
+    """The mask, learned on real train rows or synthesized ones (a validation slice selects it)."""
+    module = p.loaded.module
+    module.to(p.device)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    synthesis_stats, synthetic_preview = None, None
+    synthesized = p.mode != "source-available"
+    learned_from = {"authorized": "synthesized" if synthesized else "real train rows",
+                    "unauthorized": "synthesized neighbor domains" if p.mode == "data-free" else "real train rows"}
+    stats, preview = None, None
 
     def tensors(s: Split):
-        x = torch.from_numpy(s.x_train).to(device)
-        y = torch.from_numpy(s.y_train).to(device) if s.y_train is not None else predict(module, x).argmax(1)
+        x = torch.from_numpy(s.x_train).to(p.device)
+        y = torch.from_numpy(s.y_train).to(p.device) if s.y_train is not None else predict(module, x).argmax(1)
         return split_validation(x, y, cfg.mask.val_rows, rng)
 
-    synthesized = mode != "source-available"
     if not synthesized:
-        (ax, ay), va = tensors(splits[auth_name])
-        has_auth_labels = splits[auth_name].y_train is not None
+        (auth_x, auth_y), val_auth = tensors(p.splits[p.auth_name])
+        has_auth_labels = p.splits[p.auth_name].y_train is not None
     else:
         from .synthesis import invert
         say(f"synthesizing {cfg.synthesis.images} pseudo-authorized images by model inversion")
-        sx, sy, synthesis_stats = invert(module, loaded.format, cfg.preprocess.input_shape, num_classes,
-                                         cfg.synthesis, cfg.seed, device, progress=progress)
-        timings["synthesis_seconds"] = synthesis_stats["seconds"]
-        say(f"synthesis: {synthesis_stats['seconds']:.1f} s; BN-statistics mismatch {synthesis_stats['bn_mismatch_synthetic']:.3f} "
-            f"(Gaussian noise: {synthesis_stats['bn_mismatch_noise']:.3f})")
-        synthetic_preview = sx[:32].cpu()
-        (ax, ay), va = split_validation(sx, sy, cfg.mask.val_rows, rng)
+        sx, sy, stats = invert(module, p.loaded.format, cfg.preprocess.input_shape, p.num_classes,
+                               cfg.synthesis, cfg.seed, p.device, progress=progress)
+        clock.seconds["synthesis_seconds"] = stats["seconds"]
+        say(f"synthesis: {stats['seconds']:.1f} s; BN-statistics mismatch {stats['bn_mismatch_synthetic']:.3f} "
+            f"(Gaussian noise: {stats['bn_mismatch_noise']:.3f})")
+        preview = sx[:32].cpu()
+        (auth_x, auth_y), val_auth = split_validation(sx, sy, cfg.mask.val_rows, rng)
         has_auth_labels = True
-    t0 = time.perf_counter()
-    teacher = F.log_softmax(predict(module, ax), 1)
-    unauth, vunauth = [], []
-    if mode == "data-free":
-        from .synthesis import neighbor_domains
-        pseudo_labels = ay  # the shifts keep the class content
-        for shifted in neighbor_domains(ax, cfg.seed, cfg.preprocess.mean, cfg.preprocess.std):
-            unauth.append((shifted, pseudo_labels))
-        for shifted in neighbor_domains(va[0], cfg.seed + 1, cfg.preprocess.mean, cfg.preprocess.std):
-            vunauth.append((shifted, va[1]))
-    else:
-        for n in cfg.unauthorized:
-            tr, vv = tensors(splits[n])
-            unauth.append(tr)
-            vunauth.append(vv)
-    data = TrainData(ax, ay if has_auth_labels else None, teacher, unauth, va, vunauth)
-    mask_cfg = cfg.mask.resolved_for(synthesized_authorized=synthesized)
-    result = learn_mask(module, data, num_classes, mask_cfg, cfg.seed, device, progress=progress)
-    module.to("cpu")
-    timings["mask_seconds"] = time.perf_counter() - t0
-    if weights_fingerprint(module) != fingerprint:
+    with clock("mask_seconds"):
+        teacher = F.log_softmax(predict(module, auth_x), 1)
+        unauth, val_unauth = unauthorized_rows(cfg, p, auth_x, auth_y, val_auth, tensors)
+        data = TrainData(auth_x, auth_y if has_auth_labels else None, teacher, unauth, val_auth, val_unauth)
+        mask_cfg = cfg.mask.resolved_for(synthesized_authorized=synthesized)
+        result = learn_mask(module, data, p.num_classes, mask_cfg, cfg.seed, p.device, progress=progress)
+        module.to("cpu")
+    if weights_fingerprint(module) != p.fingerprint:
         raise RuntimeError("internal error: mask learning changed the frozen weights")
     say(f"mask: {result.pruned_fraction() * 100:.1f} % of masked weights pruned "
         f"(step {result.selected_step} selected) in {result.seconds:.1f} s")
+    return Learned(result, mask_cfg, learned_from, stats, preview)
 
-    # --- export the original, compile the protected artifact ---
-    original_onnx, timings["export_seconds"] = export_onnx(module, loaded.format, cfg.preprocess.input_shape)
+
+def unauthorized_rows(cfg: CompileConfig, p: Prepared, auth_x, auth_y, val_auth, tensors):
+    """(train, validation) unauthorized rows: the given domains, or synthesized neighbor domains (data-free)."""
+    unauth, val_unauth = [], []
+    if p.mode == "data-free":
+        from .synthesis import neighbor_domains
+        for shifted in neighbor_domains(auth_x, cfg.seed, cfg.preprocess.mean, cfg.preprocess.std):
+            unauth.append((shifted, auth_y))          # the shifts keep the class content
+        for shifted in neighbor_domains(val_auth[0], cfg.seed + 1, cfg.preprocess.mean, cfg.preprocess.std):
+            val_unauth.append((shifted, val_auth[1]))
+        return unauth, val_unauth
+    for n in cfg.unauthorized:
+        train, val = tensors(p.splits[n])
+        unauth.append(train)
+        val_unauth.append(val)
+    return unauth, val_unauth
+
+
+def build_artifact(cfg: CompileConfig, p: Prepared, learned: Learned, clock: Clock) -> Built:
+    """Export the original, fold the mask in through the pass pipeline; the baseline gets the same
+    optimisation minus the mask, so accuracy and latency ratios measure the protection, not the optimiser."""
+    module, result = p.loaded.module, learned.result
+    original_onnx, clock.seconds["export_seconds"] = export_onnx(module, p.loaded.format, cfg.preprocess.input_shape)
     params = dict(module.named_parameters())
     originals = {n: params[n].detach().cpu().numpy().copy() for n in result.masks}
-    learned_from = {"authorized": "synthesized" if synthesized else "real train rows",
-                    "unauthorized": "synthesized neighbor domains" if mode == "data-free" else "real train rows"}
     metadata = {
-        "version": __version__, "mode": mode,
-        "authorized": list(cfg.authorized), "unauthorized": list(cfg.unauthorized), "learned_from": learned_from,
+        "version": __version__, "mode": p.mode,
+        "authorized": list(cfg.authorized), "unauthorized": list(cfg.unauthorized),
+        "learned_from": learned.learned_from,
         "preprocess": cfg.preprocess.to_dict(), "granularity": result.granularity,
         "mask_sha256": passes.digest_arrays(result.masks),
-        "original_weights_sha256": fingerprint, "report_schema": REPORT_SCHEMA_VERSION,
+        "original_weights_sha256": p.fingerprint, "report_schema": REPORT_SCHEMA_VERSION,
     }
-    # the baseline is the original graph optimised like the artifact, minus the mask:
-    # accuracy and latency ratios then measure the protection, not the optimiser
     baseline, _ = passes.run_pipeline(original_onnx, [passes.FoldConstants(), passes.FoldBatchNorm()])
-    t0 = time.perf_counter()
-    # skip names were validated with the config (unknown or mandatory passes are refused there)
-    protected, records = passes.run_pipeline(original_onnx, passes.default_pipeline(result.masks, originals, metadata),
-                                             skip=cfg.skip_passes)
-    timings["passes_seconds"] = time.perf_counter() - t0
+    with clock("passes_seconds"):
+        # skip names were validated with the config (unknown or mandatory passes are refused there)
+        protected, records = passes.run_pipeline(original_onnx,
+                                                 passes.default_pipeline(result.masks, originals, metadata),
+                                                 skip=cfg.skip_passes)
+    return Built(protected, baseline, records)
 
-    # --- validate with onnxruntime on test rows ---
-    t0 = time.perf_counter()
-    ort_device = "cuda" if device.type == "cuda" else "cpu"
-    s_orig, s_prot = session(baseline, ort_device), session(protected, ort_device)
-    domain_rows, examples = {}, {}
-    agree, max_diff, parity_n = 0, 0.0, 0
+
+def measure(cfg: CompileConfig, p: Prepared, learned: Learned, built: Built, clock: Clock) -> Measured:
+    """Test rows through onnxruntime (one path with verify), parity with the masked torch model, latency."""
+    ort_device = "cuda" if p.device.type == "cuda" else "cpu"
+    with clock("validate_seconds"):
+        s_orig, s_prot = session(built.baseline, ort_device), session(built.protected, ort_device)
+        measurement = measure_domains(s_prot, [s.test for s in p.splits.values()], original=s_orig)
+        parity = torch_parity(p.loaded.module, learned.result.masks, p.splits, measurement)
+    lat_o, lat_p = latency_pair_ms(s_orig, s_prot, (256, *cfg.preprocess.input_shape))
+    return Measured(measurement, s_prot.get_providers(), parity,
+                    {"original": lat_o, "protected": lat_p, "ratio": lat_p / lat_o})
+
+
+def torch_parity(module: torch.nn.Module, masks: dict[str, np.ndarray], splits: dict[str, Split],
+                 measurement: Measurement) -> dict:
+    """Top-1 agreement and max |logit difference| of the artifact vs the masked torch model, all test rows."""
+    agree, max_diff, rows = 0, 0.0, 0
     for n, s in splits.items():
-        lo, lp = run_logits(s_orig, s.x_test), run_logits(s_prot, s.x_test)
-        if not (np.isfinite(lo).all() and np.isfinite(lp).all()):
-            raise UserError(f"{cfg.model}: the model outputs NaN or infinite logits on {domains[n].path}; fix the "
-                            f"model or its preprocessing")
-        labels = s.y_test if s.y_test is not None else lo.argmax(1)
-        ref = masked_forward(module, result.masks, s.x_test)
-        agree += int((ref.argmax(1) == lp.argmax(1)).sum())
-        max_diff = max(max_diff, float(np.abs(ref - lp).max()))
-        parity_n += len(lp)
-        ao, ap = accuracy(lo, labels), accuracy(lp, labels)
-        te_rows = domains[n].rows("test")[:6]
-        examples[n] = {"images": domains[n].images[te_rows], "labels": labels[:6].tolist(),
-                       "predictions": lp[:6].argmax(1).tolist()}
-        domain_rows[n] = {
-            "role": "authorized" if n == auth_name else "unauthorized",
-            "path": domains[n].path, "n_test": int(len(labels)), "labels": "given" if s.y_test is not None else "original model's predictions",
-            "split": "train/test" if domains[n].has_split else "none (train and test rows coincide)",
-            "original_acc": ao, "protected_acc": ap,
-            "original_ci95": wilson_interval(ao, len(labels)), "protected_ci95": wilson_interval(ap, len(labels)),
-            "drop": ao - ap,
-        }
-    src_drop = domain_rows[auth_name]["drop"] if auth_name else None
-    for n in cfg.unauthorized:
-        domain_rows[n]["st_d"] = st_d(src_drop, domain_rows[n]["drop"]) if src_drop is not None else None
-    timings["validate_seconds"] = time.perf_counter() - t0
-    shape = (256, *cfg.preprocess.input_shape)
-    lat_o, lat_p = latency_pair_ms(s_orig, s_prot, shape)
+        ref, got = masked_forward(module, masks, s.test.x), measurement.logits[n]
+        agree += int((ref.argmax(1) == got.argmax(1)).sum())
+        max_diff = max(max_diff, float(np.abs(ref - got).max()))
+        rows += len(got)
+    return {"top1_agreement": agree / max(rows, 1) * 100, "max_abs_logit_diff": max_diff, "rows": rows}
 
-    gates = evaluate_gates(cfg.gates, domain_rows, auth_name)
-    timings["total_seconds"] = time.perf_counter() - t_all
-    report = {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "tool": tool_versions(),
-        "command": "compile", "mode": mode, "seed": cfg.seed,
-        "model": {"path": str(cfg.model), "format": loaded.format, "num_classes": num_classes,
-                  "weights_sha256": fingerprint},
-        "preprocess": cfg.preprocess.to_dict(),
-        "providers": s_prot.get_providers(), "learning_device": str(device),
-        "domains": domain_rows, "source_drop": src_drop,
-        "max_unauthorized_acc": max((domain_rows[n]["protected_acc"] for n in cfg.unauthorized), default=None),
-        "learned_from": learned_from,
-        "synthesis": synthesis_stats,
-        "parity": {"top1_agreement": agree / max(parity_n, 1) * 100, "max_abs_logit_diff": max_diff, "rows": parity_n},
+
+def build_report(cfg: CompileConfig, p: Prepared, learned: Learned, built: Built, measured: Measured,
+                 clock: Clock) -> dict:
+    m, result = measured.measurement, learned.result
+    gates = evaluate_gates(cfg.gates, m.domains, p.auth_name)
+    return report_header("compile", measured.providers, cfg.preprocess, m, gates) | {
+        "mode": p.mode, "seed": cfg.seed,
+        "model": {"path": str(cfg.model), "format": p.loaded.format, "num_classes": p.num_classes,
+                  "weights_sha256": p.fingerprint},
+        "learning_device": str(p.device),
+        "learned_from": learned.learned_from,
+        "synthesis": learned.synthesis_stats,
+        "parity": measured.parity,
         "mask": {"granularity": result.granularity, "pruned_fraction": result.pruned_fraction(),
-                 "density": result.density(), "selected_step": result.selected_step, "config": vars(mask_cfg),
-                 "history": result.history},
-        "latency_ms_batch256": {"original": lat_o, "protected": lat_p, "ratio": lat_p / lat_o},
-        "passes": [r.to_dict() for r in records],
-        "timings": timings, "gates": gates, "passed": all(g["passed"] for g in gates),
+                 "density": result.density(), "selected_step": result.selected_step,
+                 "config": vars(learned.mask_cfg), "history": result.history},
+        "latency_ms_batch256": measured.latency,
+        "passes": [r.to_dict() for r in built.records],
+        "timings": clock.total(),
     }
-    outdir = Path(outdir)
+
+
+def write_outdir(outdir: Path, report: dict, built: Built, measured: Measured, learned: Learned,
+                 cfg: CompileConfig, external_threshold: int) -> dict:
+    """OUTDIR replaced as a whole: the artifact and the three reports, or nothing."""
     try:
         with staged_dir(outdir) as stage:
-            written = passes.save_model(protected, stage / ARTIFACT, external_threshold)
-            report["artifact_files"] = [p.name for p in written]
-            preview = None if synthetic_preview is None else to_uint8_images(synthetic_preview, cfg.preprocess)
-            for suffix, data in report_files(report, verdict(report), examples, preview).items():
+            written = passes.save_model(built.protected, stage / ARTIFACT, external_threshold)
+            report["artifact_files"] = [f.name for f in written]
+            preview = (None if learned.synthetic_preview is None
+                       else to_uint8_images(learned.synthetic_preview, cfg.preprocess))
+            for suffix, data in report_files(report, verdict(report), measured.measurement.examples, preview).items():
                 (stage / REPORT).with_suffix(suffix).write_bytes(data)
     except OSError as e:
         raise UserError(f"{outdir}: cannot write the output folder ({e.strerror or e}); nothing was changed there; "

@@ -23,7 +23,7 @@ def _fmt(v, spec=".1f", suffix=""):
 def domain_rows(report: dict) -> list[dict]:
     rows = []
     for name, d in report["domains"].items():
-        rows.append({"domain": name, "role": d["role"], "n": d.get("n", d.get("n_test")),
+        rows.append({"domain": name, "role": d["role"], "n": d["n"],
                      "original": d.get("original_acc"), "protected": d["protected_acc"],
                      "ci": d.get("protected_ci95"), "drop": d.get("drop"), "st_d": d.get("st_d")})
     return rows

@@ -321,9 +321,9 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
 
     from tqdm import tqdm
 
-    from .synthesis import FeatureTap
+    from .taps import BatchNormTap
 
-    tap_ctx = FeatureTap(module) if cfg.feature_weight > 0 else contextlib.nullcontext()
+    tap_ctx = BatchNormTap(module) if cfg.feature_weight > 0 else contextlib.nullcontext()
     with tap_ctx as tap:
         return _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm)
 
@@ -365,7 +365,7 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) ->
                     restore_values(masked)
                     tap.take()
                     module(xa)
-                    teacher_feats = [f.detach() for f in tap.take()]
+                    teacher_feats = [x.detach() for x, _, _ in tap.take()]
             xs = [xa]
             ys = []
             for ux, uy in data.unauth:
@@ -374,7 +374,7 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) ->
                 ys.append(uy[iu])
             apply_masks(masked)
             logits = module(torch.cat(xs))
-            masked_feats = tap.take() if tap is not None else None
+            masked_feats = [x for x, _, _ in tap.take()] if tap is not None else None
             za = logits[:bs]
             logp = F.log_softmax(za, 1)
             loss_src = cfg.kl_weight * F.kl_div(logp, teacher, log_target=True, reduction="batchmean")

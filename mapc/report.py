@@ -1,28 +1,33 @@
-"""Reports: report.json (versioned), the console table and the one-line verdict.
+"""Reports: one builder for every command's report.json (versioned), one console table, the verdict line.
 
-report.json schema, version 1 (top-level keys; all accuracies in percent,
-drops in points):
+report.json schema, version 2 (written down as JSON Schema in ``mapc/*_report.schema.json``,
+checked by the tests). Every command's report starts with the same header
+(``report_header``); all accuracies in percent, drops in points:
 
-    schema_version   int, 1
-    tool             {name, version, torch, onnx, onnxruntime}
-    command, mode    "compile"; "source-available" | "source-free" | "data-free"
-    model            {path, format, num_classes, weights_sha256}
-    preprocess       {size, channels, mean, std}
+    schema_version   int, 2
+    tool             {name, version, onnx, onnxruntime, numpy[, torch]}
+    command          "compile" | "verify"
     providers        onnxruntime execution providers that actually ran
-    domains          {NAME: {role, path, n_test, labels, split, original_acc, protected_acc,
-                             original_ci95, protected_ci95, drop, st_d (unauthorized only)}}
+    preprocess       {size, channels, mean, std}
+    domains          {NAME: {role, path, n, rows, labels, protected_acc, protected_ci95,
+                             original_acc, original_ci95, drop, st_d}}   (mapc.measure)
     source_drop, max_unauthorized_acc
-    parity           {top1_agreement, max_abs_logit_diff, rows}: artifact vs masked torch model
-    mask             {granularity, pruned_fraction, density {param: kept fraction}, selected_step,
-                      config, history}
-    latency_ms_batch256 {original, protected, ratio}
-    passes           [{name, changed, seconds, nodes_before, nodes_after,
-                       initializer_bytes_before, initializer_bytes_after, details}]
-    timings          {load_seconds, mask_seconds, export_seconds, passes_seconds,
-                      validate_seconds, total_seconds}
     gates            [{gate, limit, value, domain, passed}]; value null and not_measured (why)
                      when a requested gate had nothing to measure: it fails
     passed           bool
+    timings          {..._seconds, total_seconds}
+
+compile adds: mode, seed, model, learning_device, learned_from, synthesis, parity
+{top1_agreement, max_abs_logit_diff, rows}, mask {granularity, pruned_fraction, density,
+selected_step, config, history}, latency_ms_batch256 {original, protected, ratio}, passes
+[{name, changed, seconds, nodes_before, nodes_after, initializer_bytes_before,
+initializer_bytes_after, details}], artifact_files.
+verify adds: artifact {path, sha256, metadata}, baseline, weight_density, integrity
+{passed, checks: [{check, passed, detail}]}, compile (the compile report's passes and mask).
+
+Version history: 1 had compile domains keyed ``n_test`` and ``split`` and verify domains keyed
+``n`` and ``rows``; 2 gives both commands one domain schema (``n``, ``rows``, ``labels``), adds
+verify's ``integrity`` and a JSON Schema for the compile report.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from pathlib import Path
 
 from .gates import value_text
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 
 
 def _clean(o):
@@ -63,6 +68,22 @@ def tool_versions() -> dict:
     return out
 
 
+def report_header(command: str, providers: list[str], preprocess, measurement, gates: list[dict]) -> dict:
+    """The keys every command's report starts with (see the module docstring)."""
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "tool": tool_versions(),
+        "command": command,
+        "providers": providers,
+        "preprocess": preprocess.to_dict(),
+        "domains": measurement.domains,
+        "source_drop": measurement.source_drop,
+        "max_unauthorized_acc": measurement.max_unauthorized_acc,
+        "gates": gates,
+        "passed": all(g["passed"] for g in gates),
+    }
+
+
 def report_files(report: dict, verdict_line: str, examples: dict | None = None, synthetic=None) -> dict[str, bytes]:
     """The three report files by suffix: .json (with the verdict), .md and a one-file .html."""
     from .human_report import html_report, markdown
@@ -82,24 +103,32 @@ def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def table(report: dict) -> str:
-    rows = [("domain", "role", "n", "original", "protected", "drop", "ST-D")]
+    """The console table of any report: one row per domain, then what the command measured besides."""
+    rows = [("domain", "role", "n", "original", "protected", "95 % CI", "drop", "ST-D")]
     for name, d in report["domains"].items():
+        lo, hi = d["protected_ci95"]
         std = d.get("st_d")
-        rows.append((name, d["role"], str(d["n_test"]), f"{d['original_acc']:.1f} %", f"{d['protected_acc']:.1f} %",
-                     f"{d['drop']:+.1f}", "-" if std is None else f"{std:.3f}"))
-    lines = _aligned(rows)
+        rows.append((name, d["role"], str(d["n"]),
+                     "-" if d.get("original_acc") is None else f"{d['original_acc']:.1f} %",
+                     f"{d['protected_acc']:.1f} %", f"{lo:.1f}-{hi:.1f}",
+                     "-" if d.get("drop") is None else f"{d['drop']:+.1f}", "-" if std is None else f"{std:.3f}"))
+    lines = _aligned(rows) + [""]
+    if "parity" in report:
+        p, lat = report["parity"], report["latency_ms_batch256"]
+        lines.append(f"parity (artifact vs masked torch): top-1 agreement {p['top1_agreement']:.2f} %, "
+                     f"max |logit diff| {p['max_abs_logit_diff']:.2e} over {p['rows']} test rows")
+        lines.append(f"mask: {report['mask']['granularity']}, {report['mask']['pruned_fraction'] * 100:.1f} % pruned; "
+                     f"latency batch 256: {lat['original']:.1f} -> {lat['protected']:.1f} ms (ratio {lat['ratio']:.2f})")
+    if "artifact" in report and isinstance(report["artifact"], dict):
+        lines.append(f"artifact sha256 {report['artifact']['sha256'][:16]}...")
+    for g in report["gates"]:
+        lines.append(f"gate {g['gate']}[{g['domain']}]: {value_text(g)} vs {g['limit']:g} -> "
+                     f"{'pass' if g['passed'] else 'FAIL'}")
+    for c in report.get("integrity", {}).get("checks", []):
+        lines.append(f"integrity {c['check']}: {c['detail']} -> {'pass' if c['passed'] else 'FAIL'}")
     t = report["timings"]
-    p = report["parity"]
-    lines.append("")
-    lines.append(f"parity (artifact vs masked torch): top-1 agreement {p['top1_agreement']:.2f} %, "
-                 f"max |logit diff| {p['max_abs_logit_diff']:.2e} over {p['rows']} test rows")
-    lines.append(f"mask: {report['mask']['granularity']}, {report['mask']['pruned_fraction'] * 100:.1f} % pruned; "
-                 f"latency batch 256: {report['latency_ms_batch256']['original']:.1f} -> "
-                 f"{report['latency_ms_batch256']['protected']:.1f} ms (ratio {report['latency_ms_batch256']['ratio']:.2f})")
-    synthesis = f"synthesis {t['synthesis_seconds']:.1f} s, " if "synthesis_seconds" in t else ""
-    lines.append(f"time: {synthesis}mask {t['mask_seconds']:.1f} s, export {t['export_seconds']:.1f} s, "
-                 f"passes {t['passes_seconds']:.1f} s, validate {t['validate_seconds']:.1f} s, "
-                 f"total {t['total_seconds']:.1f} s; providers {','.join(report['providers'])}")
+    stages = ", ".join(f"{k.removesuffix('_seconds').replace('_', ' ')} {v:.1f} s" for k, v in t.items())
+    lines.append(f"time: {stages}; providers {','.join(report['providers'])}")
     return "\n".join(lines)
 
 
@@ -119,22 +148,6 @@ def verdict(report: dict) -> str:
     if failed:
         return f"FAILED | {', '.join(failed)} | {summary}"
     return f"PASSED | {summary}"
-
-
-def verify_table(report: dict) -> str:
-    rows = [("domain", "role", "n", "original", "protected", "95 % CI", "drop")]
-    for name, d in report["domains"].items():
-        lo, hi = d["protected_ci95"]
-        rows.append((name, d["role"], str(d["n"]), "-" if d.get("original_acc") is None else f"{d['original_acc']:.1f} %",
-                     f"{d['protected_acc']:.1f} %", f"{lo:.1f}-{hi:.1f}", "-" if d.get("drop") is None else f"{d['drop']:+.1f}"))
-    lines = _aligned(rows)
-    lines.append(f"providers: {', '.join(report['providers'])}; artifact sha256 {report['artifact']['sha256'][:16]}...")
-    for g in report["gates"]:
-        lines.append(f"gate {g['gate']}[{g['domain']}]: {value_text(g)} vs {g['limit']:g} -> "
-                     f"{'pass' if g['passed'] else 'FAIL'}")
-    for c in report.get("integrity", {}).get("checks", []):
-        lines.append(f"integrity {c['check']}: {c['detail']} -> {'pass' if c['passed'] else 'FAIL'}")
-    return "\n".join(lines)
 
 
 def write_reports(json_path, report: dict, verdict_line: str, examples: dict | None = None) -> None:

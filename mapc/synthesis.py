@@ -19,16 +19,14 @@ synthetic images: colour/contrast changes, inversion, blur, noise, and
 textured backgrounds from random smooth fields; they stand in for unknown
 unauthorized domains.
 
-BatchNorm inputs are captured with forward hooks for plain modules and by
-instrumenting the FX graph of torch.export programs; TorchScript archives
-expose neither and are refused for these modes.
+BatchNorm inputs are captured by ``mapc.taps.BatchNormTap`` (forward hooks for
+plain modules, an instrumented FX graph for torch.export programs, restored
+afterwards); TorchScript archives expose neither and are refused for these modes.
 """
 from __future__ import annotations
 
-import copy
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,8 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
-
-BN_TARGETS = ("_native_batch_norm_legit_no_training", "batch_norm", "_native_batch_norm_legit")
+from .taps import BatchNormTap
 
 
 @dataclass
@@ -56,58 +53,23 @@ class SynthesisConfig:
 
 
 class BNProbe:
-    """Collects (input, running_mean, running_var) of every BatchNorm in a forward pass."""
+    """The BatchNorm-statistics prior of inversion, over a ``taps.BatchNormTap`` on the model itself
+    (instrumented while the probe is open, exactly restored by ``close``)."""
 
     def __init__(self, module: nn.Module, model_format: str):
-        self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._handles = []
-        self.module = module
         if model_format == "torchscript":
             raise UserError("--mode source-free/data-free synthesizes data from BatchNorm statistics, which a "
                             "TorchScript archive does not expose; pass the model as .pt2 or state_dict + --arch")
-        bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if bns:
-            for bn in bns:
-                if bn.running_mean is None:
-                    continue
-                self._handles.append(bn.register_forward_hook(self._hook))
-        elif isinstance(module, torch.fx.GraphModule):
-            with warnings.catch_warnings():  # torch's pytree deprecation notice on copy
-                warnings.simplefilter("ignore")
-                self.module = copy.deepcopy(module)   # instrument a copy; the caller's graph stays as loaded
-            self._instrument(self.module)
-        if not self._handles and not getattr(self, "_instrumented", False):
+        self.module = module
+        self.tap = BatchNormTap(module).__enter__()
+        if not self.tap.found:
+            self.tap.__exit__(None, None, None)
             raise UserError("--mode source-free/data-free needs BatchNorm running statistics to synthesize "
                             "authorized-like data, and this model has none; use --mode source-available with real data")
 
-    def _hook(self, mod, inputs, output):
-        self.records.append((inputs[0], mod.running_mean, mod.running_var))
-
-    def _instrument(self, gm: torch.fx.GraphModule) -> None:
-        probe = self
-
-        def record(x, mean, var):
-            probe.records.append((x, mean, var))
-            return x
-
-        g = gm.graph
-        found = False
-        for node in list(g.nodes):
-            name = getattr(node.target, "__name__", str(node.target))
-            if node.op == "call_function" and any(t in name for t in BN_TARGETS) and len(node.args) >= 5:
-                x, mean, var = node.args[0], node.args[3], node.args[4]
-                with g.inserting_before(node):
-                    rec = g.call_function(record, (x, mean, var))
-                node.replace_input_with(x, rec)
-                found = True
-        if found:
-            gm.recompile()
-            self._instrumented = True
-            self._gm = gm
-
     def loss(self, first_weight: float = 1.0) -> torch.Tensor:
         total = 0.0
-        for i, (x, mean, var) in enumerate(self.records):
+        for i, (x, mean, var) in enumerate(self.tap.records):
             dims = [0] + list(range(2, x.ndim))
             mu = x.mean(dims)
             v = x.var(dims, unbiased=False)
@@ -115,16 +77,13 @@ class BNProbe:
         return total
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self.records.clear()
+        self.tap.__exit__(None, None, None)
 
     def count(self) -> int:
-        return len(self.records)
+        return len(self.tap.records)
 
     def clear(self) -> None:
-        self.records.clear()
+        self.tap.take()
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +111,14 @@ def invert(module: nn.Module, model_format: str, input_shape: tuple[int, int, in
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     probe = BNProbe(module, model_format)
+    try:
+        return _invert(probe, module, input_shape, num_classes, cfg, g, device, progress, tqdm)
+    finally:
+        probe.close()
+
+
+def _invert(probe: "BNProbe", module: nn.Module, input_shape, num_classes: int, cfg: SynthesisConfig,
+            g: torch.Generator, device: torch.device, progress: bool, tqdm):
     for p in module.parameters():
         p.requires_grad_(False)
     labels = torch.arange(cfg.images) % num_classes
@@ -187,7 +154,6 @@ def invert(module: nn.Module, model_format: str, input_shape: tuple[int, int, in
     stats = {"bn_mismatch_synthetic": bn_mismatch(probe, images[:k]),
              "bn_mismatch_noise": bn_mismatch(probe, torch.randn(images[:k].shape, generator=g).to(device)),
              "seconds": time.perf_counter() - t0, "images": int(len(images)), "steps": cfg.steps}
-    probe.close()
     return images, labels.to(device), stats
 
 
@@ -232,58 +198,3 @@ def neighbor_domains(x: torch.Tensor, seed: int, pre_mean: tuple[float, ...], pr
     return [(s - mean) / std for s in shifts]
 
 
-class FeatureTap:
-    """Context manager: records the input of every BatchNorm of ``module`` itself during forward passes.
-
-    Used while learning a mask from synthesized data, to keep the masked model's intermediate
-    features (not only its logits) close to the frozen model's. Plain modules get forward hooks;
-    a torch.export graph is instrumented in place and restored on exit.
-    """
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.features: list[torch.Tensor] = []
-        self._handles = []
-        self._inserted = []
-
-    def __enter__(self):
-        bns = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if bns:
-            self._handles = [bn.register_forward_hook(lambda mod, inp, out: self.features.append(inp[0]))
-                             for bn in bns]
-        elif isinstance(self.module, torch.fx.GraphModule):
-            gm = self.module
-            self._inserted = []
-            tap = self
-
-            def record(x, mean, var):
-                tap.features.append(x)
-                return x
-
-            for node in list(gm.graph.nodes):
-                name = getattr(node.target, "__name__", str(node.target))
-                if node.op == "call_function" and any(t in name for t in BN_TARGETS) and len(node.args) >= 5:
-                    x = node.args[0]
-                    with gm.graph.inserting_before(node):
-                        rec = gm.graph.call_function(record, (x, node.args[3], node.args[4]))
-                    node.replace_input_with(x, rec)
-                    self._inserted.append((rec, x))
-            gm.recompile()
-        return self
-
-    def take(self) -> list[torch.Tensor]:
-        out, self.features = self.features, []
-        return out
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        if getattr(self, "_inserted", None):
-            g = self.module.graph
-            for rec, x in self._inserted:  # undo: the graph (and its pytree codegen) is as loaded
-                rec.replace_all_uses_with(x)
-                g.erase_node(rec)
-            self.module.recompile()
-            self._inserted = []
-        self.features = []
-        return False

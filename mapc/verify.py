@@ -1,8 +1,9 @@
 """`mapc verify`: measure an artifact with onnxruntime and gate a release on it.
 
 Invariant: every number comes from onnxruntime sessions over the artifact (and
-the baseline) on labelled rows: the test rows when the data has a split, all
-rows otherwise. Preprocessing comes from the artifact's sealed metadata
+the baseline) on the test rows when the data has a split, all rows otherwise,
+through ``mapc.measure``, the path compile uses; unlabelled rows are scored
+against the baseline's predictions, and need a baseline. Preprocessing comes from the artifact's sealed metadata
 unless overridden. Gates that compare against the original (source drop,
 target drop) need ``--baseline``; asking for them without one is bad input.
 """
@@ -17,12 +18,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .datasets import Domain, load_domain
+from passes import artifact_checks
+
+from .datasets import load_domain
 from .errors import UserError
 from .gates import Gates as VerifyGates, evaluate_gates
-from .evaluate import accuracy, check_input_fits, run_logits, session, st_d, wilson_interval
-from .preprocess import Preprocess, apply, preprocess_from
-from .report import tool_versions
+from .evaluate import session
+from .measure import MeasuredRows, measure_domains
+from .preprocess import Preprocess, preprocess_from
+from .report import report_header
 
 
 @dataclass
@@ -113,15 +117,6 @@ def baseline_session(req: VerifyRequest, pre: Preprocess, provider: str):
     return session(model, provider), loaded.format
 
 
-def eval_rows(d: Domain) -> np.ndarray:
-    if d.labels is None:
-        raise UserError(f"{d.path}: domain {d.name!r} has no labels; verification measures accuracy and needs them")
-    rows = d.rows("test")
-    if len(rows) == 0:
-        raise UserError(f"{d.path}: domain {d.name!r} has no test rows")
-    return rows
-
-
 def verify(req: VerifyRequest) -> dict:
     t_all = time.perf_counter()
     model = load_artifact(req.artifact)
@@ -146,58 +141,22 @@ def verify(req: VerifyRequest) -> dict:
     num_classes = int(s_prot.get_outputs()[0].shape[-1]) if isinstance(s_prot.get_outputs()[0].shape[-1], int) else None
     s_base, base_format = (baseline_session(req, pre, req.provider) if req.baseline else (None, None))
 
-    roles = {**{n: "authorized" for n in req.authorized}, **{n: "unauthorized" for n in req.unauthorized}}
-    paths = {**req.authorized, **req.unauthorized}
-    domains, examples = {}, {}
-    for name, path in paths.items():
-        d = load_domain(name, path, num_classes)
-        rows = eval_rows(d)
-        x = apply(pre, d.images[rows])
-        y = d.labels[rows]
-        check_input_fits(s_prot, x, f"{path} (domain {name!r})")
-        lp = run_logits(s_prot, x)
-        if not np.isfinite(lp).all():
-            raise UserError(f"{req.artifact}: outputs NaN or infinite logits on {path}; the artifact is unusable")
-        ap = accuracy(lp, y)
-        entry = {"role": roles[name], "path": str(path), "n": int(len(y)),
-                 "rows": "test" if d.has_split else "all (no split)",
-                 "protected_acc": ap, "protected_ci95": wilson_interval(ap, len(y))}
-        if s_base is not None:
-            check_input_fits(s_base, x, f"{path} (domain {name!r}, baseline)")
-            ao = accuracy(run_logits(s_base, x), y)
-            entry.update(original_acc=ao, original_ci95=wilson_interval(ao, len(y)), drop=ao - ap)
-        domains[name] = entry
-        k = min(6, len(rows))
-        examples[name] = {"images": d.images[rows[:k]], "labels": y[:k].tolist(),
-                          "predictions": lp[:k].argmax(1).tolist()}
-    src = next(iter(req.authorized), None)
-    source_drop = domains[src].get("drop") if src else None
-    for name, e in domains.items():
-        if e["role"] == "unauthorized" and source_drop is not None and "drop" in e:
-            e["st_d"] = st_d(source_drop, e["drop"])
-    gates = evaluate_gates(req.gates, domains, src)
-    from passes import artifact_checks
+    roles = {**{n: ("authorized", p) for n, p in req.authorized.items()},
+             **{n: ("unauthorized", p) for n, p in req.unauthorized.items()}}
+    rows = [MeasuredRows.test_rows(load_domain(n, p, num_classes), role, pre) for n, (role, p) in roles.items()]
+    measurement = measure_domains(s_prot, rows, original=s_base)
+    gates = evaluate_gates(req.gates, measurement.domains, next(iter(req.authorized), None))
     checks = artifact_checks(model)
     integrity = {"passed": all(c["passed"] for c in checks), "checks": checks}
-    report = {
-        "schema_version": 1,
-        "command": "verify",
-        "tool": tool_versions(),
+    report = report_header("verify", s_prot.get_providers(), pre, measurement, gates) | {
         "artifact": {"path": str(req.artifact), "sha256": sha256_file(req.artifact), "metadata": meta},
         "baseline": None if req.baseline is None else {"path": str(req.baseline), "sha256": sha256_file(req.baseline),
                                                        "format": base_format},
-        "providers": s_prot.get_providers(),
-        "preprocess": pre.to_dict(),
-        "domains": domains,
-        "source_drop": source_drop,
-        "max_unauthorized_acc": max((e["protected_acc"] for e in domains.values() if e["role"] == "unauthorized"),
-                                    default=None),
         "weight_density": weight_density(model),
-        "gates": gates,
         "integrity": integrity,
-        "passed": all(g["passed"] for g in gates) and integrity["passed"],
         "timings": {"total_seconds": time.perf_counter() - t_all},
     }
+    report["passed"] = report["passed"] and integrity["passed"]
     compile_report = Path(req.artifact).with_name("report.json")
     if compile_report.is_file():
         import json
@@ -208,5 +167,5 @@ def verify(req: VerifyRequest) -> dict:
                     k: c.get("mask", {}).get(k) for k in ("granularity", "pruned_fraction", "density")}}
         except ValueError:
             pass
-    report["_examples"] = examples  # for the human reports only; not part of report.json
+    report["_examples"] = measurement.examples  # for the human reports only; not part of report.json
     return report

@@ -21,7 +21,6 @@ import torch
 from click.testing import CliRunner
 
 from mapc.cli import main
-from tests.conftest import ROOT
 
 MARKER = "pwned"
 

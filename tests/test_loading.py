@@ -58,6 +58,8 @@ def test_pickle_is_refused_and_nothing_in_it_runs(tmp_path):
     z = tmp_path / "module.pt"
     torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), z)
     assert detect_format(z) == "torch_save"
+    with pytest.raises(UserError, match="--trust-pickle"):
+        load_model(z)
 
 
 def test_full_module_pickle_loads_only_with_trust_flag(tmp_path):

@@ -113,7 +113,7 @@ def compile_and_compare(module: nn.Module, masks, shape=(3, 16, 16), fmt="export
 def test_pipeline_matches_masked_torch(factory, kind):
     torch.manual_seed(0)
     m = randomize_bn(factory())
-    compile_and_compare(m, make_masks(m, kind), shape=(3, 8, 8) if factory is not ResidualConcat else (3, 8, 8))
+    compile_and_compare(m, make_masks(m, kind), shape=(3, 8, 8))
 
 
 def test_shared_weight_is_masked_once_and_shipped_once():

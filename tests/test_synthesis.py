@@ -120,17 +120,23 @@ def test_mode_data_combinations_are_clear_errors(tmp_path, tiny_models, small_do
 
 
 @pytest.mark.parametrize("fmt", ["export", "state_dict"])
-def test_feature_tap_records_and_restores_the_module(tiny_models, fmt):
-    from mapc.synthesis import FeatureTap
+def test_batchnorm_tap_records_and_restores_the_module(tiny_models, fmt):
+    from mapc.taps import BatchNormTap
     m = load_model(tiny_models["residual"][fmt], arch="tests.tiny_models:residual").module
+    code_before = m.code if hasattr(m, "code") else None
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         before = m(x)
-        with FeatureTap(m) as tap:
+        with BatchNormTap(m) as tap:
+            assert tap.found
             inside = m(x)
-            feats = tap.take()
+            records = tap.take()
+            assert tap.take() == []
         after = m(x)
-    assert len(feats) == 2 and feats[0].shape == (3, 8, 16, 16)
+    assert len(records) == 2 and records[0][0].shape == (3, 8, 16, 16)
+    torch.testing.assert_close(records[0][1], dict(m.named_buffers())[next(
+        n for n in dict(m.named_buffers()) if n.endswith("running_mean"))])
+    assert code_before is None or m.code == code_before
     assert isinstance(after, torch.Tensor)
     torch.testing.assert_close(before, inside)
     torch.testing.assert_close(before, after)

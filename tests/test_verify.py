@@ -4,16 +4,14 @@ from __future__ import annotations
 import base64
 import html.parser
 import json
-from pathlib import Path
 
 import jsonschema
-import pytest
 from click.testing import CliRunner
 
 from mapc.cli import main
 from tests.conftest import ROOT
 
-SCHEMA = json.loads((ROOT / "mapc" / "verify_report.schema.json").read_text())
+SCHEMA = json.loads((ROOT / "mapc" / "report.schema.json").read_text())
 
 
 def verify(*args):

@@ -1,0 +1,113 @@
+"""Unit tests of the small functions every figure rests on: intervals, ST-D, mask selection, the margin term,
+preprocessing, the atomic output folder and `mapc passes`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import passes
+from mapc.atomic import staged_dir
+from mapc.cli import main
+from mapc.evaluate import st_d, wilson_interval
+from mapc.masking import margin_loss, selection_key
+from mapc.preprocess import Preprocess, apply
+
+
+@pytest.mark.parametrize("acc,n,lo,hi", [
+    (50.0, 100, 40.38, 59.62),     # textbook values for p = 0.5, n = 100
+    (0.0, 10, 0.0, 27.75),         # Wilson stays inside [0, 100] where the normal interval would not
+    (100.0, 10, 72.25, 100.0),
+])
+def test_wilson_interval_known_values(acc, n, lo, hi):
+    got = wilson_interval(acc, n)
+    assert got == pytest.approx((lo, hi), abs=0.01)
+
+
+def test_wilson_interval_without_rows_is_uninformative():
+    assert wilson_interval(30.0, 0) == (0.0, 100.0)
+
+
+def test_st_d_only_where_the_target_dropped():
+    assert st_d(1.0, 50.0) == pytest.approx(0.02)
+    assert st_d(1.0, 0.0) is None and st_d(1.0, -3.0) is None
+    assert st_d(-0.5, 20.0) == pytest.approx(-0.025)
+
+
+def test_selection_key_prefers_feasible_masks_then_protection_then_drop():
+    budget = 1.0
+    feasible_good = selection_key(0.8, [10.0, 12.0], budget)
+    feasible_worse = selection_key(0.2, [10.0, 30.0], budget)
+    infeasible = selection_key(3.0, [0.0, 0.0], budget)
+    assert feasible_good < feasible_worse < infeasible
+    assert selection_key(0.1, [12.0], budget) < selection_key(0.5, [12.0], budget)   # tie on worst: lower drop
+    assert selection_key(1.5, [50.0], budget) < selection_key(2.5, [0.0], budget)     # infeasible: lower drop first
+
+
+def test_margin_loss_pushes_the_true_class_off_the_top():
+    y = torch.tensor([0, 1])
+    on_top = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    off_top = torch.tensor([[0.0, 5.0, 0.0], [5.0, 0.0, 0.0]])
+    assert margin_loss(on_top, y, 1.0) > margin_loss(off_top, y, 1.0) > 0      # softplus keeps a small push
+    assert margin_loss(off_top, y, 1.0, "hinge") == 0                         # hinge: done once 1 below
+    assert margin_loss(off_top, y, 1.0, "top") == 0                           # top: done once off the top
+    assert margin_loss(on_top, y, 1.0, "top") == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(6.0))))
+    z = on_top.clone().requires_grad_(True)
+    margin_loss(z, y, 1.0).backward()
+    assert z.grad[0, 0] > 0 and z.grad[1, 1] > 0      # gradient descent lowers the true-class logit
+
+
+def test_preprocess_apply_is_the_documented_formula():
+    grey = np.array([[[0, 255], [51, 102]]], np.uint8)                 # 1x2x2 grey
+    pre = Preprocess(size=(2, 2), channels=3, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
+    x = apply(pre, grey)
+    assert x.shape == (1, 3, 2, 2) and x.dtype == np.float32
+    v = grey[0] / 255.0
+    np.testing.assert_allclose(x[0, 0], (v - 0.5) / 0.5, rtol=1e-6)
+    np.testing.assert_allclose(x[0, 1], (v - 0.25) / 0.25, rtol=1e-6)
+    np.testing.assert_allclose(x[0, 2], v, rtol=1e-6)
+    colour = np.zeros((1, 2, 2, 3), np.uint8)
+    colour[..., 1] = 255                                                 # pure green
+    one = apply(Preprocess(size=(2, 2), channels=1, mean=(0.0,), std=(1.0,)), colour)
+    np.testing.assert_allclose(one, np.full((1, 1, 2, 2), round(0.587 * 255) / 255, np.float32), rtol=1e-6)
+    resized = apply(Preprocess(size=(4, 6), channels=1, mean=(0.0,), std=(1.0,)), grey)
+    assert resized.shape == (1, 1, 4, 6)
+
+
+def test_staged_dir_replaces_the_folder_whole_and_rolls_back_on_error(tmp_path):
+    target = tmp_path / "out"
+    with staged_dir(target) as stage:
+        (stage / "report.json").write_text("1")
+        (stage / "protected.onnx.data").write_text("old data")
+    with staged_dir(target) as stage:
+        (stage / "report.json").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["report.json"]
+    assert (target / "report.json").read_text() == "2"
+    with pytest.raises(RuntimeError):
+        with staged_dir(target) as stage:
+            (stage / "report.json").write_text("3")
+            raise RuntimeError("disk full")
+    assert (target / "report.json").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_staged_dir_never_replaces_foreign_files(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        with staged_dir(target) as stage:
+            (stage / "report.json").write_text("x")
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+
+
+def test_mapc_passes_lists_the_pipeline_in_order():
+    r = CliRunner().invoke(main, ["passes"])
+    assert r.exit_code == 0
+    lines = r.stdout.strip().splitlines()
+    assert [ln.split()[1] for ln in lines] == passes.DEFAULT_ORDER
+    js = CliRunner().invoke(main, ["passes", "--json"])
+    assert [p["name"] for p in json.loads(js.stdout)] == passes.DEFAULT_ORDER
