@@ -19,14 +19,28 @@ Objective on a step with an authorized batch (xa, ya) and unauthorized
 batches xu_k (labels yu_k, or the frozen model's predictions without them):
 
     L = CE(f_M(xa), ya) + KL(f_s(xa) || f_M(xa))
-      + lambda(t) * mean_k [ CE(f_M(xu_k), uniform) + beta * softplus(z_y - max_{j != y} z_j + m) ]
+      + lambda(t) * mean_k w_k [ u * (CE(f_M(xu_k), uniform) - log C)
+                                 + beta * softplus(z_y - max_{j != y} z_j + m)
+                                 + rho * R2_k + gamma * B_k ]
+
+R2_k (``probe_weight`` rho, default 2) is an adversarial linear probe inside
+the loss: on the batch's logits z standardised per column (batch mean/std) plus
+a bias column X, the closed-form ridge map W = (X^T X + a I)^-1 X^T Y to the
+one-hot labels Y (``probe_alpha`` a, a differentiable torch.linalg.solve) and
+its in-sample R^2 = ||X W - mean(Y)||^2 / ||Y - mean(Y)||^2. The mask
+minimises what the probe explains, so the outputs lose label information an
+attacker with a few labelled rows could read back (a margin alone leaves the
+true class systematically low, which is itself a label). B_k
+(``independence_weight`` gamma, default 0) is the between-class scatter of the
+log-probabilities over their total scatter. With 10 classes and 32 rows both
+have a floor above 0 from chance alone; only their gradient matters.
 
 lambda ramps linearly from 0 to ``target_weight`` over ``ramp_steps`` (at most a third of the steps). The
 uniform term drives outputs toward chance; the margin term makes sure the
 true class does not stay on top of a near-uniform output (what accuracy
-measures). Without authorized labels the CE term is dropped. With
+measures); u is ``uniform_weight`` (default 1). Without authorized labels the CE term is dropped. With
 ``adaptive_domains`` (default) each unauthorized domain's term is weighted by
-its current batch accuracy (+1/K), normalised to mean 1, so the domain still
+its current batch accuracy (+1/C), normalised to mean 1 (w_k), so the domain still
 recognised gets the push. Optional: ``feature_weight`` adds the normalised
 squared distance between masked and frozen BatchNorm inputs on authorized
 batches (meant for synthesized data).
@@ -71,7 +85,7 @@ class MaskConfig:
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     mask_classifier: bool = False        # the final classifier is left unmasked by default
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 32
     lr: float = 0.03
     score_init: float = 2.0
@@ -81,6 +95,10 @@ class MaskConfig:
     margin: float = 1.0
     margin_fn: str = "softplus"          # "softplus" keeps pushing; "hinge" stops `margin` below; "top" stops once off top
     adaptive_domains: bool = True        # weight each unauthorized domain by its current batch accuracy
+    uniform_weight: float = 1.0          # CE-to-uniform on unauthorized batches
+    independence_weight: float = 0.0     # between-class scatter of log-probabilities / total scatter
+    probe_weight: float = 2.0            # in-batch ridge probe: R^2 of one-hot labels from standardised logits
+    probe_alpha: float = 1.0             # the in-batch probe's ridge
     feature_weight: float = 0.0          # keep BatchNorm-input features on authorized batches (synthesized data)
     ramp_steps: int = 100
     kl_weight: float = 1.0
@@ -266,6 +284,31 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor, margin: float, fn: str = 
     return F.softplus(gap).mean()
 
 
+def between_class_ratio(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """sum_c n_c ||mu_c - mu||^2 / sum_i ||p_i - mu||^2 of the log-probabilities p (0: no label in the mean)."""
+    p = F.log_softmax(logits, 1)
+    mu = p.mean(0, keepdim=True)
+    onehot = F.one_hot(y, num_classes).to(p.dtype)                 # n x C
+    counts = onehot.sum(0)                                         # C
+    sums = onehot.T @ (p - mu)                                     # C x C: per-class sum of centred rows
+    between = (sums.pow(2).sum(1) / counts.clamp(min=1)).sum()
+    total = (p - mu).pow(2).sum()
+    return between / (total + 1e-8)
+
+
+def probe_r2(logits: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float) -> torch.Tensor:
+    """In-sample R^2 of a closed-form ridge map from the batch's standardised logits (+ bias) to one-hot labels."""
+    z = logits.double()
+    x = (z - z.mean(0, keepdim=True)) / (z.std(0, keepdim=True) + 1e-6)
+    x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+    yy = F.one_hot(y, num_classes).to(x.dtype)
+    yc = yy - yy.mean(0, keepdim=True)
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    w = torch.linalg.solve(x.T @ x + alpha * eye, x.T @ yy)
+    fit = x @ w - yy.mean(0, keepdim=True)
+    return (fit.pow(2).sum() / (yc.pow(2).sum() + 1e-8)).float()
+
+
 @dataclass
 class TrainData:
     """Preprocessed train rows on the learning device."""
@@ -386,7 +429,11 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) ->
             per_domain = []
             for k, yk in enumerate(ys):
                 zu = logits[bs * (k + 1): bs * (k + 2)]
-                lk = uniform_ce(zu) - math.log(num_classes)
+                lk = cfg.uniform_weight * (uniform_ce(zu) - math.log(num_classes))
+                if cfg.independence_weight > 0:
+                    lk = lk + cfg.independence_weight * between_class_ratio(zu, yk, num_classes)
+                if cfg.probe_weight > 0:
+                    lk = lk + cfg.probe_weight * probe_r2(zu, yk, num_classes, cfg.probe_alpha)
                 if cfg.margin_weight > 0:
                     lk = lk + cfg.margin_weight * margin_loss(zu, yk, cfg.margin, cfg.margin_fn)
                 per_domain.append(lk)
