@@ -90,6 +90,9 @@ def main():
 @click.option("--std", type=str, metavar="S[,S,S]", help="Per-channel std after scaling pixels to [0,1].")
 @click.option("--max-source-drop", type=float, help="Gate: authorized accuracy may drop at most this many points.")
 @click.option("--max-target-acc", type=float, help="Gate: every unauthorized domain at most this accuracy (%).")
+@click.option("--max-probe-acc", type=float,
+              help="Gate: a linear probe on the artifact's logits, fitted on 10 % of each unauthorized domain's "
+                   "labelled train rows, recovers at most this accuracy (%).")
 @click.option("--no-gates", is_flag=True,
               help="Build without gates (a requested gate that has no data to measure fails otherwise).")
 @click.option("--skip-pass", "skip_passes", multiple=True, metavar="NAME", help="Do not run this optional pass (see `mapc passes`); fold_masks, seal, audit and check always run.")
@@ -97,7 +100,7 @@ def main():
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no log lines on stderr.")
 def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch, trust_pickle, seed, device,
                 granularity, steps, keep_salient, input_size, channels, mean, std, max_source_drop, max_target_acc,
-                no_gates, skip_passes, as_json, quiet):
+                max_probe_acc, no_gates, skip_passes, as_json, quiet):
     """Learn a protection mask for MODEL and compile it into OUTDIR/protected.onnx.
 
     MODEL is a torch.export program (.pt2), a TorchScript archive, a state_dict
@@ -151,6 +154,8 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
         cfg.gates.max_source_drop = max_source_drop
     if max_target_acc is not None:
         cfg.gates.max_target_acc = max_target_acc
+    if max_probe_acc is not None:
+        cfg.gates.max_probe_acc = max_probe_acc
     if no_gates:
         from .gates import Gates
         cfg.gates = Gates()
@@ -175,6 +180,9 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
 @click.option("--max-source-drop", type=float, metavar="PTS", help="Gate: authorized accuracy drop vs baseline, at most PTS.")
 @click.option("--max-target-acc", type=float, metavar="PCT", help="Gate: every unauthorized accuracy at most PCT %.")
 @click.option("--min-target-drop", type=float, metavar="PTS", help="Gate: every unauthorized drop vs baseline at least PTS.")
+@click.option("--max-probe-acc", type=float, metavar="PCT",
+              help="Gate: a linear probe on the artifact's logits, fitted on 10 % of each unauthorized domain's "
+                   "labelled train rows, recovers at most PCT % (the data needs a train/test split).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write report.json here, with report.md and report.html beside it.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -185,7 +193,7 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
 @click.option("--std", type=str, metavar="S[,S,S]", help="Override the sealed std.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (then the verdict line).")
 def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle, max_source_drop, max_target_acc,
-               min_target_drop, report_path, provider, input_size, channels, mean, std, as_json):
+               min_target_drop, max_probe_acc, report_path, provider, input_size, channels, mean, std, as_json):
     """Measure ARTIFACT with onnxruntime on labelled data and check release gates.
 
     Preprocessing is read from the artifact's sealed metadata (flags override).
@@ -203,7 +211,8 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     from .verify import VerifyGates, VerifyRequest, sealed_metadata, load_artifact, verify
     from .report import table, verdict, write_reports
 
-    validate_gates(VerifyGates(max_source_drop, max_target_acc, min_target_drop))
+    gates = VerifyGates(max_source_drop, max_target_acc, min_target_drop, max_probe_acc)
+    validate_gates(gates)
     if report_path:
         check_writable_file(report_path, "--report")
     pre = None
@@ -214,7 +223,7 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
                                    else Preprocess(), input_size, channels, mean, std)
     req = VerifyRequest(artifact=artifact, authorized=parse_specs(authorized, "--authorized"),
                         unauthorized=parse_specs(unauthorized, "--unauthorized"), baseline=baseline,
-                        gates=VerifyGates(max_source_drop, max_target_acc, min_target_drop), provider=provider,
+                        gates=gates, provider=provider,
                         preprocess=pre, arch=arch, trust_pickle=trust_pickle)
     overlap = set(req.authorized) & set(req.unauthorized)
     if overlap:

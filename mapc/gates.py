@@ -4,6 +4,8 @@ A gate compares one measured figure with a limit and passes or fails:
     max_source_drop  authorized accuracy drop vs the original    <= limit (points)
     max_target_acc   every unauthorized protected accuracy        <= limit (percent)
     min_target_drop  every unauthorized drop vs the original      >= limit (points)
+    max_probe_acc    every unauthorized accuracy a linear probe on the artifact's logits recovers with
+                     10 % of the domain's labelled train rows      <= limit (percent; mapc.measure)
 Domains are dicts with ``role``, ``protected_acc`` and, when an original was measured, ``drop``.
 
 Fail closed: a requested gate whose figure was not measured (no authorized domain for
@@ -20,13 +22,16 @@ class Gates:
     max_source_drop: float | None = None    # points
     max_target_acc: float | None = None     # percent, every unauthorized domain
     min_target_drop: float | None = None    # points, every unauthorized domain
+    max_probe_acc: float | None = None      # percent, every unauthorized domain, probe with 10 % of train rows
 
 
 LIMITS = {  # gate -> (lowest, highest) allowed limit; a limit outside makes a gate that cannot fail or cannot pass
     "max_source_drop": (0.0, 100.0),
     "max_target_acc": (0.0, 100.0),
     "min_target_drop": (0.0, 100.0),
+    "max_probe_acc": (0.0, 100.0),
 }
+PROBE_GATE_FRACTION = "10%"
 
 
 def validate_gates(g: Gates, where: str = "command line") -> None:
@@ -51,7 +56,8 @@ def evaluate_gates(g: Gates, domains: dict[str, dict], source: str | None) -> li
         out.append(_gate("max_source_drop", g.max_source_drop, v, source or "-",
                          v is not None and v <= g.max_source_drop, "no authorized data; give --authorized NAME=PATH"))
     unauth = {n: e for n, e in domains.items() if e["role"] == "unauthorized"}
-    for name, limit in (("max_target_acc", g.max_target_acc), ("min_target_drop", g.min_target_drop)):
+    for name, limit in (("max_target_acc", g.max_target_acc), ("min_target_drop", g.min_target_drop),
+                        ("max_probe_acc", g.max_probe_acc)):
         if limit is not None and not unauth:
             out.append(_gate(name, limit, None, "-", False, "no unauthorized data; give --unauthorized NAME=PATH"))
     for n, e in unauth.items():
@@ -60,6 +66,10 @@ def evaluate_gates(g: Gates, domains: dict[str, dict], source: str | None) -> li
                              e["protected_acc"] <= g.max_target_acc))
         if g.min_target_drop is not None:
             out.append(_gate("min_target_drop", g.min_target_drop, e["drop"], n, e["drop"] >= g.min_target_drop))
+        if g.max_probe_acc is not None:
+            v = (e.get("probe") or {}).get("protected", {}).get(PROBE_GATE_FRACTION)
+            out.append(_gate("max_probe_acc", g.max_probe_acc, v, n, v is not None and v <= g.max_probe_acc,
+                             f"no probe: {e.get('probe_skipped', 'not measured')}"))
     return out
 
 

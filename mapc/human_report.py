@@ -25,19 +25,30 @@ def domain_rows(report: dict) -> list[dict]:
     for name, d in report["domains"].items():
         rows.append({"domain": name, "role": d["role"], "n": d["n"],
                      "original": d.get("original_acc"), "protected": d["protected_acc"],
-                     "ci": d.get("protected_ci95"), "drop": d.get("drop"), "st_d": d.get("st_d")})
+                     "ci": d.get("protected_ci95"), "drop": d.get("drop"), "st_d": d.get("st_d"),
+                     "probe": probe_text(d)})
     return rows
+
+
+def probe_text(d: dict) -> str:
+    """Linear-probe accuracy with 1 % / 10 % of the labelled train rows: protected (original), or '-'."""
+    p = d.get("probe")
+    if not p:
+        return "-"
+    prot = "/".join(f"{p['protected'][k]:.1f}" for k in ("1%", "10%"))
+    orig = "/".join(f"{p['original'][k]:.1f}" for k in ("1%", "10%")) if "original" in p else None
+    return f"{prot} %" + (f" ({orig})" if orig else "")
 
 
 def markdown(report: dict, verdict_line: str) -> str:
     lines = [f"# mapc {report['command']} report", "", f"**{verdict_line}**", "",
-             "| domain | role | n | original | protected (95 % CI) | drop (pts) | ST-D |",
-             "|---|---|---|---|---|---|---|"]
+             "| domain | role | n | original | protected (95 % CI) | drop (pts) | ST-D | probe 1 %/10 % (original) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in domain_rows(report):
         ci = r["ci"]
         lines.append(f"| {r['domain']} | {r['role']} | {r['n']} | {_fmt(r['original'], '.1f', ' %')} | "
                      f"{r['protected']:.1f} % ({ci[0]:.1f}-{ci[1]:.1f}) | {_fmt(r['drop'], '+.1f')} | "
-                     f"{_fmt(r['st_d'], '.3f')} |")
+                     f"{_fmt(r['st_d'], '.3f')} | {r['probe']} |")
     lines += ["", "## Gates", "", "| gate | domain | value | limit | outcome |", "|---|---|---|---|---|"]
     for g in report["gates"]:
         lines.append(f"| {g['gate']} | {g['domain']} | {value_text(g)} | {g['limit']:g} | "
@@ -143,7 +154,8 @@ def html_report(report: dict, verdict_line: str, examples: dict | None = None,
     esc = html.escape
     rows = "".join(
         f"<tr><td>{esc(r['domain'])}</td><td>{r['role']}</td><td>{r['n']}</td><td>{_fmt(r['original'], '.1f', ' %')}</td>"
-        f"<td>{r['protected']:.1f} %</td><td>{_fmt(r['drop'], '+.1f')}</td><td>{_fmt(r['st_d'], '.3f')}</td></tr>"
+        f"<td>{r['protected']:.1f} %</td><td>{_fmt(r['drop'], '+.1f')}</td><td>{_fmt(r['st_d'], '.3f')}</td>"
+        f"<td>{esc(r['probe'])}</td></tr>"
         for r in domain_rows(report))
     gates = "".join(
         f"<tr><td>{g['gate']}</td><td>{esc(g['domain'])}</td><td>{esc(value_text(g))}</td><td>{g['limit']:g}</td>"
@@ -158,7 +170,7 @@ td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:right}}.ok{{color:#1e8
 figure{{display:inline-block;margin:1em}}</style></head><body>
 <h1>mapc {report['command']} report</h1>
 <p class="{status}">{esc(verdict_line)}</p>
-<table><tr><th>domain</th><th>role</th><th>n</th><th>original</th><th>protected</th><th>drop</th><th>ST-D</th></tr>{rows}</table>
+<table><tr><th>domain</th><th>role</th><th>n</th><th>original</th><th>protected</th><th>drop</th><th>ST-D</th><th>probe 1 %/10 % (original)</th></tr>{rows}</table>
 <h2>Gates</h2><table><tr><th>gate</th><th>domain</th><th>value</th><th>limit</th><th>outcome</th></tr>{gates}</table>
 <h2>Plots</h2>{figures}
 <p>Execution providers: {esc(', '.join(report.get('providers', [])))}</p>

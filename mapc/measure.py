@@ -12,6 +12,14 @@ rows otherwise), with one schema for every command:
 unauthorized domains when the authorized drop is known (ST-D = ΔS / ΔT,
 only where ΔT > 0). Unlabelled rows are scored against the original model's
 predictions when there is an original, and are bad input otherwise.
+
+Unauthorized domains also get ``probe``: what an attacker holding k labelled
+train rows recovers from the outputs with a linear map (``mapc.probe``; the
+remap attack), for k = 1 % and 10 % of the domain's train rows, on the
+protected (and original) logits of the test rows:
+
+    probe: {"protected": {"1%": acc, "10%": acc}, "original": {...}, "k": {"1%": k, "10%": k}}
+           or null with "probe_skipped": why (no labelled train rows disjoint from the test rows)
 """
 from __future__ import annotations
 
@@ -24,8 +32,11 @@ from .datasets import Domain
 from .errors import UserError
 from .evaluate import accuracy, check_input_fits, run_logits, st_d, wilson_interval
 from .preprocess import Preprocess, apply
+from .probe import probe_accuracy
 
 EXAMPLES_PER_DOMAIN = 6
+PROBE_FRACTIONS = {"1%": 0.01, "10%": 0.10}   # labelled train rows the attacker holds; the gate reads the largest
+PROBE_SEED = 0
 
 
 @dataclass
@@ -38,14 +49,19 @@ class MeasuredRows:
     x: np.ndarray                  # float32 NCHW model input
     labels: np.ndarray | None      # None: unlabelled
     has_split: bool
+    probe_x: np.ndarray | None = None        # labelled train rows an attacker could hold (unauthorized only)
+    probe_y: np.ndarray | None = None
 
     @classmethod
     def test_rows(cls, d: Domain, role: str, pre: Preprocess) -> "MeasuredRows":
         rows = d.rows("test")
         if len(rows) == 0:
             raise UserError(f"{d.path}: domain {d.name!r} has no test rows in 'split'")
+        train = d.rows("train") if d.has_split else np.array([], np.int64)
+        probe = role == "unauthorized" and d.labels is not None and len(train) > 0
         return cls(d.name, role, d.path, d.images[rows], apply(pre, d.images[rows]),
-                   None if d.labels is None else d.labels[rows], d.has_split)
+                   None if d.labels is None else d.labels[rows], d.has_split,
+                   apply(pre, d.images[train]) if probe else None, d.labels[train] if probe else None)
 
 
 @dataclass
@@ -94,6 +110,8 @@ def measure_domains(protected: ort.InferenceSession, rows: list[MeasuredRows],
         if lo is not None:
             ao = accuracy(lo, labels)
             entry.update(original_acc=ao, original_ci95=wilson_interval(ao, len(labels)), drop=ao - ap)
+        if m.role == "unauthorized":
+            entry.update(probe_entry(m, labels, lp, protected, original, lo))
         out.domains[m.name] = entry
         out.logits[m.name] = lp
         k = min(EXAMPLES_PER_DOMAIN, len(labels))
@@ -104,3 +122,29 @@ def measure_domains(protected: ort.InferenceSession, rows: list[MeasuredRows],
         if e["role"] == "unauthorized" and source_drop is not None and "drop" in e:
             e["st_d"] = st_d(source_drop, e["drop"])
     return out
+
+
+def probe_entry(m: MeasuredRows, labels: np.ndarray, lp: np.ndarray, protected: ort.InferenceSession,
+                original: ort.InferenceSession | None, lo: np.ndarray | None) -> dict:
+    """The linear-probe (remap) figures of one unauthorized domain; see the module docstring."""
+    if m.probe_x is None or m.labels is None:
+        why = ("the domain has no labels" if m.labels is None else
+               "the domain has no train rows apart from its test rows (no 'split')")
+        return {"probe": None, "probe_skipped": why}
+    num_classes = lp.shape[1]
+    figures = {"protected": {}, "k": {}}
+    train = {"protected": _logits(protected, _train_view(m), "")}
+    if original is not None:
+        figures["original"] = {}
+        train["original"] = _logits(original, _train_view(m), "original")
+    test = {"protected": lp, "original": lo}
+    for label, fraction in PROBE_FRACTIONS.items():
+        for which, z in train.items():
+            r = probe_accuracy(z, m.probe_y, test[which], labels, num_classes, fraction, seed=PROBE_SEED)
+            figures[which][label] = r["acc"]
+            figures["k"][label] = r["k"]
+    return {"probe": figures}
+
+
+def _train_view(m: MeasuredRows) -> MeasuredRows:
+    return MeasuredRows(m.name, m.role, m.path, m.images[:0], m.probe_x, m.probe_y, m.has_split)

@@ -10,7 +10,7 @@ checked by the tests). Every command's report starts with the same header
     providers        onnxruntime execution providers that actually ran
     preprocess       {size, channels, mean, std}
     domains          {NAME: {role, path, n, rows, labels, protected_acc, protected_ci95,
-                             original_acc, original_ci95, drop, st_d}}   (mapc.measure)
+                             original_acc, original_ci95, drop, st_d, probe}}   (mapc.measure)
     source_drop, max_unauthorized_acc
     gates            [{gate, limit, value, domain, passed}]; value null and not_measured (why)
                      when a requested gate had nothing to measure: it fails
@@ -104,14 +104,16 @@ def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
 
 def table(report: dict) -> str:
     """The console table of any report: one row per domain, then what the command measured besides."""
-    rows = [("domain", "role", "n", "original", "protected", "95 % CI", "drop", "ST-D")]
+    from .human_report import probe_text
+    rows = [("domain", "role", "n", "original", "protected", "95 % CI", "drop", "ST-D", "probe 1%/10% (orig)")]
     for name, d in report["domains"].items():
         lo, hi = d["protected_ci95"]
         std = d.get("st_d")
         rows.append((name, d["role"], str(d["n"]),
                      "-" if d.get("original_acc") is None else f"{d['original_acc']:.1f} %",
                      f"{d['protected_acc']:.1f} %", f"{lo:.1f}-{hi:.1f}",
-                     "-" if d.get("drop") is None else f"{d['drop']:+.1f}", "-" if std is None else f"{std:.3f}"))
+                     "-" if d.get("drop") is None else f"{d['drop']:+.1f}", "-" if std is None else f"{std:.3f}",
+                     probe_text(d)))
     lines = _aligned(rows) + [""]
     if "parity" in report:
         p, lat = report["parity"], report["latency_ms_batch256"]

@@ -106,3 +106,18 @@ def test_a_gate_with_nothing_to_measure_fails_closed(tmp_path, artifact, small_d
     gate = report["gates"][0]
     assert gate["value"] is None and gate["passed"] is False and "--unauthorized" in gate["not_measured"]
     assert "not measured" in (tmp_path / "v" / "report.md").read_text()
+
+
+def test_probe_is_reported_and_gated_and_fails_closed_without_a_split(tmp_path, artifact, small_domains):
+    import numpy as np
+    r = verify(artifact, "--unauthorized", f"syn={small_domains['syn']}", "--max-probe-acc", "99", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout.splitlines()[0])
+    probe = report["domains"]["syn"]["probe"]
+    assert set(probe["protected"]) == {"1%", "10%"} and probe["k"]["10%"] == 25   # 10 % of 256 train rows
+    assert [g["gate"] for g in report["gates"]] == ["max_probe_acc"] and report["gates"][0]["value"] is not None
+    with np.load(small_domains["syn"]) as f:                       # no split: train rows = test rows, no probe
+        np.savez(tmp_path / "nosplit.npz", images=f["images"], labels=f["labels"])
+    r = verify(artifact, "--unauthorized", f"syn={tmp_path / 'nosplit.npz'}", "--max-probe-acc", "99")
+    assert r.exit_code == 1
+    assert r.stdout.strip().splitlines()[-1].startswith("FAILED | max_probe_acc[syn]=not measured")
