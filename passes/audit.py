@@ -119,9 +119,13 @@ class Audit:
             if key in arrays and arrays[key].shape == mask.shape:
                 cands = [(key, arrays[key])]
             else:
-                cands = [(n, a if a.shape == mask.shape else a.T) for n, a in arrays.items()
-                         if a.shape == mask.shape or (a.ndim == 2 and a.shape == mask.T.shape)]
-                cands = [(n, a) for n, a in cands if not np.any(a[zeros])]
+                cands = []
+                for n, a in arrays.items():   # as stored, or transposed (MatMul); a square weight may be either
+                    views = ([a] if a.shape == mask.shape else []) + \
+                            ([a.T] if a.ndim == 2 and a.T.shape == mask.shape else [])
+                    fit = next((v for v in views if not np.any(v[zeros])), None)
+                    if fit is not None:
+                        cands.append((n, fit))
             if not cands:
                 problems.append(f"weight {key!r} not found with its masked positions at zero")
                 continue

@@ -186,3 +186,23 @@ def test_audit_catches_a_rescaled_unmasked_copy():
     out.graph.initializer.append(numpy_helper.from_array(leaked, "spare"))
     with pytest.raises(passes.PassError, match="rescaling of the unmasked original"):
         passes.Audit(masks, originals)(out)
+
+
+def test_square_linear_weights_exported_transposed_are_folded_and_audited():
+    """A square Linear (attention projections) is stored transposed after constant folding: same shape as its
+    mask, other orientation. fold_masks must mask it and the audit must find it."""
+    class Square(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x):
+            tokens = x.flatten(2).transpose(1, 2)                    # (N, 16, 8): 3-D input -> MatMul
+            return self.head(torch.relu(self.q(tokens)).mean(1))
+
+    torch.manual_seed(0)
+    m = Square().eval()
+    mask = (torch.rand(8, 8) > 0.5).numpy().astype(np.uint8)
+    mask[0, 1], mask[1, 0] = 0, 1                                      # asymmetric: orientation matters
+    compile_and_compare(m, {"q.weight": mask}, shape=(8, 4, 4))
