@@ -1,4 +1,4 @@
-"""ONNX graph passes of the mapc protection compiler (onnx + onnxruntime only; never torch).
+"""ONNX graph passes of the mapc protection compiler (onnx, onnx-graphsurgeon, onnxscript/onnx-ir; never torch).
 
 The default pipeline, in order, and why:
 

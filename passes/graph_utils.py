@@ -1,11 +1,51 @@
-"""Small helpers over an ONNX GraphProto shared by the passes (pure functions)."""
+"""Helpers shared by the passes: lookups over an ONNX GraphProto, and the onnx-graphsurgeon round trip.
+
+Graph edits that change structure go through onnx-graphsurgeon (``export_graph``
+runs its ``cleanup().toposort()``, which removes nodes and constants nothing
+reads, subgraph uses included); ``export_graph`` keeps what the model proto
+carries besides the graph (opsets, IR version, producer, metadata).
+"""
 from __future__ import annotations
 
 from collections import defaultdict
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+
+
+def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` cleaned up (dead nodes and unused constants removed), sorted, exported with ``like``'s model fields."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = like.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, field, getattr(like, field))
+    del out.metadata_props[:]
+    out.metadata_props.extend(like.metadata_props)
+    return out
+
+
+def set_conv_bias(graph: gs.Graph, conv: gs.Node, values: np.ndarray) -> None:
+    """Give ``conv`` the bias ``values``: overwrite its constant bias, or add one named after its weight."""
+    if len(conv.inputs) > 2 and conv.inputs[2].name:
+        conv.inputs[2].values = values
+        return
+    taken = set(graph.tensors())
+    base = conv.inputs[1].name.rsplit(".", 1)[0] + ".folded_bias"
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    while len(conv.inputs) < 2:
+        conv.inputs.append(gs.Variable.empty())
+    if len(conv.inputs) == 2:
+        conv.inputs.append(gs.Constant(name, values))
+    else:
+        conv.inputs[2] = gs.Constant(name, values)
 
 
 def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -16,10 +56,6 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
             if name:
                 out[name].append(node)
     return out
-
-
-def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output if o}
 
 
 def is_graph_output(graph: onnx.GraphProto, name: str) -> bool:
@@ -60,32 +96,6 @@ def unique_name(graph: onnx.GraphProto, base: str) -> str:
         k += 1
         name = f"{base}_{k}"
     return name
-
-
-def remove_unused_initializers(graph: onnx.GraphProto) -> list[str]:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for n in graph.node:  # subgraphs may read outer initializers
-        for a in n.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else []) + list(a.graphs):
-                used |= {i for sn in g.node for i in sn.input}
-    dead = [t.name for t in graph.initializer if t.name not in used]
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    return dead
-
-
-def remove_dead_nodes(graph: onnx.GraphProto) -> int:
-    """Drop nodes none of whose outputs is read by another node or is a graph output."""
-    removed = 0
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            return removed
-        for n in dead:
-            graph.node.remove(n)
-        removed += len(dead)
 
 
 def rowwise_scale(a: np.ndarray, w: np.ndarray, rtol: float = 1e-4) -> np.ndarray | None:

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import helper
 
 from .base import PassResult
-from .graph_utils import (attr, consumers, get_array, initializer_map, is_graph_output, remove_dead_nodes,
-                          remove_unused_initializers, set_array, unique_name)
+from .graph_utils import (attr, consumers, export_graph, get_array, initializer_map, is_graph_output, set_array,
+                          unique_name)
 
 CHANNELWISE = {"Relu", "BatchNormalization", "MaxPool", "Identity"}
 
@@ -102,9 +103,8 @@ class StripDeadChannels:
             removed[plan["conv"].input[1]] = len(plan["dead"])
             shapes = None
         if removed:
-            remove_dead_nodes(model.graph)
-            remove_unused_initializers(model.graph)
             del model.graph.value_info[:]  # shapes of sliced values changed; re-inferred on demand
+            model = export_graph(gs.import_onnx(model), model)   # drop what nothing reads any more
         return PassResult(model, bool(removed), {"channels_removed": removed})
 
     def _plan(self, model, conv, dead, w, inits, cons, shapes):
