@@ -30,13 +30,13 @@ import passes
 
 from . import __version__
 from .atomic import foreign_entries, staged_dir
-from .config import CompileConfig
+from .config import CompileConfig, MaskConfig
 from .datasets import Domain, load_domain
 from .errors import UserError
 from .evaluate import latency_pair_ms, session
 from .export import export_onnx
 from .gates import evaluate_gates
-from .masking import MaskConfig, MaskResult, TrainData, learn_mask, masked_forward, split_validation
+from .masking import MaskResult, TrainData, learn_mask, masked_forward, split_validation
 from .measure import Measurement, MeasuredRows, measure_domains
 from .models import LoadedModel, load_model
 from .preprocess import apply

@@ -73,59 +73,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-# Default lock for synthesized authorized data. Measured on the sample (README, "All three modes"):
-# without a lock the source-free mask keeps 0.4 % of real mnist, with 0.6 78.0 % (data-free: 69.0 -> 92.5 %).
-SYNTHESIZED_KEEP_SALIENT = 0.6
-
-
-@dataclass
-class MaskConfig:
-    granularity: str = "weight"          # "weight" or "channel"
-    include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] = field(default_factory=list)
-    mask_classifier: bool = False        # the final classifier is left unmasked by default
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 0.03
-    score_init: float = 2.0
-    temperature: float = 1.0
-    target_weight: float = 2.0
-    margin_weight: float = 1.0
-    margin: float = 1.0
-    margin_fn: str = "softplus"          # "softplus" keeps pushing; "hinge" stops `margin` below; "top" stops once off top
-    adaptive_domains: bool = True        # weight each unauthorized domain by its current batch accuracy
-    uniform_weight: float = 1.0          # CE-to-uniform on unauthorized batches
-    independence_weight: float = 0.0     # between-class scatter of log-probabilities / total scatter
-    probe_weight: float = 2.0            # in-batch ridge probe: R^2 of one-hot labels from standardised logits
-    probe_alpha: float = 1.0             # the in-batch probe's ridge
-    feature_weight: float = 0.0          # keep BatchNorm-input features on authorized batches (synthesized data)
-    ramp_steps: int = 100
-    kl_weight: float = 1.0
-    source_weight: float = 1.0
-    cosine_lr: bool = True
-    optimizer: str = "sgd"               # "adam", or "sgd": momentum SGD on per-tensor RMS-normalised gradients
-    eval_every: int = 50
-    val_rows: int = 500                  # held out of each domain's train rows for mask selection
-    source_budget: float = 1.0           # points of validation source drop a selected mask may cost
-    keep_salient: float | None = None    # fraction locked by saliency; None: 0 with real authorized rows,
-                                         # SYNTHESIZED_KEEP_SALIENT with synthesized ones (see resolved_for)
-
-    def __post_init__(self):
-        from .errors import UserError
-        if self.granularity not in ("weight", "channel"):
-            raise UserError(f"mask.granularity must be 'weight' or 'channel', got {self.granularity!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0:
-            raise UserError("mask.steps, mask.batch_size, mask.lr and mask.temperature must be positive")
-        if self.keep_salient is not None and not 0.0 <= self.keep_salient < 1.0:
-            raise UserError(f"mask.keep_salient must be in [0, 1), got {self.keep_salient}")
-
-    def resolved_for(self, synthesized_authorized: bool) -> "MaskConfig":
-        """A copy with ``keep_salient`` decided: explicit values win, otherwise 0 for real rows."""
-        from dataclasses import replace
-        if self.keep_salient is not None:
-            return replace(self)
-        return replace(self, keep_salient=SYNTHESIZED_KEEP_SALIENT if synthesized_authorized else 0.0)
+from .config import MaskConfig
 
 
 SALIENCY_ROWS = 2048  # authorized rows the saliency is summed over

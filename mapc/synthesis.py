@@ -27,29 +27,15 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import SynthesisConfig
 from .errors import UserError
 from .taps import BatchNormTap
-
-
-@dataclass
-class SynthesisConfig:
-    images: int = 512           # synthetic pseudo-authorized images
-    batch: int = 256
-    steps: int = 100            # optimisation steps per batch
-    lr: float = 0.1
-    bn_weight: float = 1.0
-    tv_weight: float = 0.5
-    l2_weight: float = 1e-3
-    init_std: float = 0.2
-    first_bn_weight: float = 10.0   # the first BatchNorm sees the input statistics directly: weight it up
-    jitter: int = 2                 # random translation (pixels) of the batch at every step
 
 
 class BNProbe:

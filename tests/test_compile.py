@@ -128,7 +128,7 @@ def test_big_artifact_path_writes_external_data(tmp_path, tiny_models, small_dom
     """The >2 GB code path, exercised with the threshold lowered to a few bytes."""
     from mapc.compile import compile_model
     from mapc.config import CompileConfig
-    from mapc.masking import MaskConfig
+    from mapc.config import MaskConfig
     from mapc.preprocess import Preprocess
     cfg = CompileConfig(model=str(tiny_models["residual"]["export"]), authorized={"mnist": str(small_domains["mnist"])},
                         unauthorized={"syn": str(small_domains["syn"])}, preprocess=Preprocess(size=(16, 16)),

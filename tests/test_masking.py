@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mapc.masking import MaskConfig, TrainData, learn_mask, maskable_names, masked_forward
+from mapc.config import MaskConfig
+from mapc.masking import TrainData, learn_mask, maskable_names, masked_forward
 from mapc.models import load_model
 from tests.tiny_models import plain, residual
 
@@ -133,7 +134,7 @@ def test_salient_weights_are_locked_and_never_pruned(granularity):
 
 def test_keep_salient_resolves_by_where_the_authorized_rows_come_from():
     from mapc.errors import UserError
-    from mapc.masking import SYNTHESIZED_KEEP_SALIENT
+    from mapc.config import SYNTHESIZED_KEEP_SALIENT
     assert MaskConfig().resolved_for(synthesized_authorized=False).keep_salient == 0.0
     assert MaskConfig().resolved_for(synthesized_authorized=True).keep_salient == SYNTHESIZED_KEEP_SALIENT
     assert MaskConfig(keep_salient=0.2).resolved_for(synthesized_authorized=True).keep_salient == 0.2

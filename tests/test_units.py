@@ -111,3 +111,10 @@ def test_mapc_passes_lists_the_pipeline_in_order():
     assert [ln.split()[1] for ln in lines] == passes.DEFAULT_ORDER
     js = CliRunner().invoke(main, ["passes", "--json"])
     assert [p["name"] for p in json.loads(js.stdout)] == passes.DEFAULT_ORDER
+
+
+def test_config_loads_without_torch():
+    import subprocess
+    import sys
+    code = "import mapc.config, sys; assert 'torch' not in sys.modules, 'mapc.config imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
