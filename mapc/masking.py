@@ -320,118 +320,195 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
 
 
 def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) -> MaskResult:
+    """The learning loop as a list of named steps; every random draw comes from one seeded generator."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    names = maskable_names(module, num_classes, cfg)
-    masked = prepare(module, names, cfg, device)
+    masked = prepare(module, maskable_names(module, num_classes, cfg), cfg, device)
     if cfg.keep_salient:
-        rows = torch.from_numpy(rng.permutation(len(data.auth_x))[:SALIENCY_ROWS]).to(device)
-        labels = data.auth_y if data.auth_y is not None else data.auth_teacher.argmax(1)
-        for m, sal in zip(masked, saliency(module, masked, data.auth_x[rows], labels[rows])):
-            m.lock = top_fraction(sal, cfg.keep_salient)
-    scores = [m.score for m in masked]
-    opt = (torch.optim.Adam(scores, lr=cfg.lr) if cfg.optimizer == "adam"
-           else torch.optim.SGD(scores, lr=cfg.lr, momentum=0.9))
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps, eta_min=cfg.lr * 0.05)
-             if cfg.cosine_lr else None)
-    history: list[dict] = []
-    selected = None  # (key, step, masks)
-    base_val = None
-    if data.val_auth is not None and len(data.val_auth[0]) > 0:  # tiny data: no selection, last mask
-        base_val = _accuracy(module, *data.val_auth, tap=tap)
+        lock_salient(module, masked, data, cfg.keep_salient, rng, device)
+    opt, sched = make_optimizer(masked, cfg)
+    selector = CheckpointSelector(module, data, cfg, tap)
+    history = selector.history
     t0 = time.perf_counter()
-    bs = cfg.batch_size
     ramp = max(1, min(cfg.ramp_steps, cfg.steps // 3))
     try:
         bar = tqdm(range(cfg.steps), desc="mask", file=sys.stderr, disable=not progress, leave=False,
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
         for step in bar:
             lam = cfg.target_weight * min(1.0, (step + 1) / ramp)
-            ia = torch.from_numpy(rng.integers(0, len(data.auth_x), bs)).to(device)
-            xa = data.auth_x[ia]
-            teacher = data.auth_teacher[ia]
-            teacher_feats = None
-            if tap is not None:
-                with torch.no_grad():
-                    restore_values(masked)
-                    tap.take()
-                    module(xa)
-                    teacher_feats = [x.detach() for x, _, _ in tap.take()]
-            xs = [xa]
-            ys = []
-            for ux, uy in data.unauth:
-                iu = torch.from_numpy(rng.integers(0, len(ux), bs)).to(device)
-                xs.append(ux[iu])
-                ys.append(uy[iu])
+            batch = draw_batch(data, cfg.batch_size, rng, device)
+            teacher_feats = teacher_features(module, masked, batch.auth_x, tap)
             apply_masks(masked)
-            logits = module(torch.cat(xs))
+            logits = module(torch.cat([batch.auth_x, *batch.unauth_x]))
             masked_feats = [x for x, _, _ in tap.take()] if tap is not None else None
-            za = logits[:bs]
-            logp = F.log_softmax(za, 1)
-            loss_src = cfg.kl_weight * F.kl_div(logp, teacher, log_target=True, reduction="batchmean")
-            if data.auth_y is not None:
-                loss_src = loss_src + F.cross_entropy(za, data.auth_y[ia])
-            if teacher_feats is not None:
-                loss_src = loss_src + cfg.feature_weight * feature_loss(masked_feats, teacher_feats, bs)
-            loss_tgt = torch.zeros((), device=device)
-            per_domain = []
-            for k, yk in enumerate(ys):
-                zu = logits[bs * (k + 1): bs * (k + 2)]
-                lk = cfg.uniform_weight * (uniform_ce(zu) - math.log(num_classes))
-                if cfg.independence_weight > 0:
-                    lk = lk + cfg.independence_weight * between_class_ratio(zu, yk, num_classes)
-                if cfg.probe_weight > 0:
-                    lk = lk + cfg.probe_weight * probe_r2(zu, yk, num_classes, cfg.probe_alpha)
-                if cfg.margin_weight > 0:
-                    lk = lk + cfg.margin_weight * margin_loss(zu, yk, cfg.margin, cfg.margin_fn)
-                per_domain.append(lk)
-            if per_domain:
-                weights = torch.ones(len(per_domain), device=device)
-                if cfg.adaptive_domains:
-                    with torch.no_grad():
-                        accs = torch.stack([(logits[bs * (k + 1): bs * (k + 2)].argmax(1) == yk).float().mean()
-                                            for k, yk in enumerate(ys)]) + 1.0 / num_classes
-                        weights = accs / accs.mean()
-                loss_tgt = (torch.stack(per_domain) * weights).mean()
-            loss = cfg.source_weight * loss_src + lam * loss_tgt
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            backprop_scores(masked, cfg.temperature)
-            if cfg.optimizer == "sgd":
-                for sc in scores:
-                    sc.grad /= sc.grad.pow(2).mean().sqrt() + 1e-12
-            opt.step()
-            if sched is not None:
-                sched.step()
-            last = step == cfg.steps - 1
-            if base_val is not None and step >= ramp and (step % cfg.eval_every == 0 or last):
-                apply_masks(masked)
-                drop = base_val - _accuracy(module, *data.val_auth, tap=tap)
-                accs = [_accuracy(module, x, y, tap=tap) for x, y in data.val_unauth]
-                key = selection_key(drop, accs, cfg.source_budget)
-                history.append({"step": step, "val_source_drop": drop, "val_unauthorized_acc": accs})
-                if selected is None or key < selected[0]:
-                    selected = (key, step, {m.name: m.mask().clone() for m in masked})
+            loss_src, loss_tgt = step_loss(logits, batch, cfg, num_classes, masked_feats, teacher_feats)
+            optimizer_step(opt, sched, cfg.source_weight * loss_src + lam * loss_tgt, masked, cfg)
+            if step >= ramp and (step % cfg.eval_every == 0 or step == cfg.steps - 1):
+                selector.checkpoint(step, masked)
             if step % 20 == 0 or step == cfg.steps - 1:
-                with torch.no_grad():
-                    kept = sum(float(m.mask().sum()) for m in masked) / sum(m.original.numel() if cfg.granularity == "weight" else m.score.numel() for m in masked)
-                    acc_a = float((za.argmax(1) == (data.auth_y[ia] if data.auth_y is not None else data.auth_teacher[ia].argmax(1))).float().mean())
-                    acc_u = [float((logits[bs * (k + 1): bs * (k + 2)].argmax(1) == yk).float().mean()) for k, yk in enumerate(ys)]
-                history.append({"step": step, "loss_source": loss_src.item(), "loss_target": loss_tgt.item(),
-                                "lambda": lam, "kept": kept, "batch_acc_authorized": acc_a,
-                                "batch_acc_unauthorized": acc_u})
-                bar.set_postfix(src=f"{loss_src.item():.3f}", tgt=f"{loss_tgt.item():.3f}", kept=f"{kept:.3f}",
-                                refresh=False)
-        with torch.no_grad():
-            masks = {}
-            chosen = selected[2] if selected is not None else {m.name: m.mask() for m in masked}
-            for m in masked:
-                full = chosen[m.name].expand_as(m.original) if cfg.granularity == "channel" else chosen[m.name]
-                masks[m.name] = full.detach().cpu().numpy().astype(np.uint8).copy()
+                record = progress_record(step, lam, loss_src, loss_tgt, logits, batch, masked, cfg)
+                history.append(record)
+                bar.set_postfix(src=f"{record['loss_source']:.3f}", tgt=f"{record['loss_target']:.3f}",
+                                kept=f"{record['kept']:.3f}", refresh=False)
+        masks = final_masks(masked, selector.chosen(masked), cfg.granularity)
     finally:
         restore(masked)
     return MaskResult(masks, cfg.granularity, history, time.perf_counter() - t0,
-                      selected_step=selected[1] if selected is not None else cfg.steps - 1)
+                      selected_step=selector.selected_step(cfg.steps))
+
+
+def lock_salient(module, masked: list[MaskedParam], data: TrainData, fraction: float, rng, device) -> None:
+    """Lock, per tensor, the ``fraction`` of entries most salient for the authorized rows (never pruned)."""
+    rows = torch.from_numpy(rng.permutation(len(data.auth_x))[:SALIENCY_ROWS]).to(device)
+    labels = data.auth_y if data.auth_y is not None else data.auth_teacher.argmax(1)
+    for m, sal in zip(masked, saliency(module, masked, data.auth_x[rows], labels[rows])):
+        m.lock = top_fraction(sal, fraction)
+
+
+def make_optimizer(masked: list[MaskedParam], cfg: MaskConfig):
+    scores = [m.score for m in masked]
+    opt = (torch.optim.Adam(scores, lr=cfg.lr) if cfg.optimizer == "adam"
+           else torch.optim.SGD(scores, lr=cfg.lr, momentum=0.9))
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps, eta_min=cfg.lr * 0.05)
+             if cfg.cosine_lr else None)
+    return opt, sched
+
+
+@dataclass
+class Batch:
+    """One step's rows: an authorized batch (with the frozen model's log-probabilities) and one batch per
+    unauthorized domain."""
+    auth_x: torch.Tensor
+    auth_y: torch.Tensor             # labels, or the frozen model's predictions without them
+    auth_y_given: torch.Tensor | None
+    teacher: torch.Tensor
+    unauth_x: list[torch.Tensor]
+    unauth_y: list[torch.Tensor]
+
+
+def draw_batch(data: TrainData, bs: int, rng, device) -> Batch:
+    ia = torch.from_numpy(rng.integers(0, len(data.auth_x), bs)).to(device)
+    ux, uy = [], []
+    for x, y in data.unauth:
+        iu = torch.from_numpy(rng.integers(0, len(x), bs)).to(device)
+        ux.append(x[iu])
+        uy.append(y[iu])
+    given = data.auth_y[ia] if data.auth_y is not None else None
+    teacher = data.auth_teacher[ia]
+    return Batch(data.auth_x[ia], given if given is not None else teacher.argmax(1), given, teacher, ux, uy)
+
+
+def teacher_features(module, masked: list[MaskedParam], x: torch.Tensor, tap) -> list[torch.Tensor] | None:
+    """The frozen model's BatchNorm inputs on ``x`` (only when feature preservation is on)."""
+    if tap is None:
+        return None
+    with torch.no_grad():
+        restore_values(masked)
+        tap.take()
+        module(x)
+        return [f.detach() for f, _, _ in tap.take()]
+
+
+def unauthorized_loss(zu: torch.Tensor, yu: torch.Tensor, cfg: MaskConfig, num_classes: int) -> torch.Tensor:
+    """One unauthorized domain's term (module docstring): uniform CE, independence, probe R^2, margin."""
+    lk = cfg.uniform_weight * (uniform_ce(zu) - math.log(num_classes))
+    if cfg.independence_weight > 0:
+        lk = lk + cfg.independence_weight * between_class_ratio(zu, yu, num_classes)
+    if cfg.probe_weight > 0:
+        lk = lk + cfg.probe_weight * probe_r2(zu, yu, num_classes, cfg.probe_alpha)
+    if cfg.margin_weight > 0:
+        lk = lk + cfg.margin_weight * margin_loss(zu, yu, cfg.margin, cfg.margin_fn)
+    return lk
+
+
+def step_loss(logits: torch.Tensor, batch: Batch, cfg: MaskConfig, num_classes: int,
+              masked_feats, teacher_feats) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source loss, target loss) of one step; the caller weighs them with source_weight and lambda(t)."""
+    bs = len(batch.auth_x)
+    za = logits[:bs]
+    loss_src = cfg.kl_weight * F.kl_div(F.log_softmax(za, 1), batch.teacher, log_target=True, reduction="batchmean")
+    if batch.auth_y_given is not None:
+        loss_src = loss_src + F.cross_entropy(za, batch.auth_y_given)
+    if teacher_feats is not None:
+        loss_src = loss_src + cfg.feature_weight * feature_loss(masked_feats, teacher_feats, bs)
+    zus = [logits[bs * (k + 1): bs * (k + 2)] for k in range(len(batch.unauth_y))]
+    if not zus:
+        return loss_src, torch.zeros((), device=logits.device)
+    per_domain = torch.stack([unauthorized_loss(zu, yu, cfg, num_classes) for zu, yu in zip(zus, batch.unauth_y)])
+    weights = torch.ones(len(zus), device=logits.device)
+    if cfg.adaptive_domains:   # the domain still recognised gets the push
+        with torch.no_grad():
+            accs = torch.stack([(zu.argmax(1) == yu).float().mean() for zu, yu in zip(zus, batch.unauth_y)])
+            accs = accs + 1.0 / num_classes
+            weights = accs / accs.mean()
+    return loss_src, (per_domain * weights).mean()
+
+
+def optimizer_step(opt, sched, loss: torch.Tensor, masked: list[MaskedParam], cfg: MaskConfig) -> None:
+    """Backpropagate to the effective weights, chain to the scores, RMS-normalise (sgd), step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    backprop_scores(masked, cfg.temperature)
+    if cfg.optimizer == "sgd":
+        for m in masked:
+            m.score.grad /= m.score.grad.pow(2).mean().sqrt() + 1e-12
+    opt.step()
+    if sched is not None:
+        sched.step()
+
+
+class CheckpointSelector:
+    """Keeps the mask with the best ``selection_key`` on the validation rows (held out of the train rows).
+
+    Without validation rows (tiny data) nothing is selected and the last mask is returned.
+    """
+
+    def __init__(self, module, data: TrainData, cfg: MaskConfig, tap):
+        self.module, self.data, self.cfg, self.tap = module, data, cfg, tap
+        self.history: list[dict] = []
+        self.best = None   # (key, step, masks)
+        self.base_val = None
+        if data.val_auth is not None and len(data.val_auth[0]) > 0:
+            self.base_val = _accuracy(module, *data.val_auth, tap=tap)
+
+    def checkpoint(self, step: int, masked: list[MaskedParam]) -> None:
+        if self.base_val is None:
+            return
+        apply_masks(masked)
+        drop = self.base_val - _accuracy(self.module, *self.data.val_auth, tap=self.tap)
+        accs = [_accuracy(self.module, x, y, tap=self.tap) for x, y in self.data.val_unauth]
+        key = selection_key(drop, accs, self.cfg.source_budget)
+        self.history.append({"step": step, "val_source_drop": drop, "val_unauthorized_acc": accs})
+        if self.best is None or key < self.best[0]:
+            self.best = (key, step, {m.name: m.mask().clone() for m in masked})
+
+    def chosen(self, masked: list[MaskedParam]) -> dict[str, torch.Tensor]:
+        return self.best[2] if self.best is not None else {m.name: m.mask() for m in masked}
+
+    def selected_step(self, steps: int) -> int:
+        return self.best[1] if self.best is not None else steps - 1
+
+
+@torch.no_grad()
+def progress_record(step: int, lam: float, loss_src, loss_tgt, logits, batch: Batch, masked, cfg) -> dict:
+    bs = len(batch.auth_x)
+    kept = sum(float(m.mask().sum()) for m in masked) / sum(
+        m.original.numel() if cfg.granularity == "weight" else m.score.numel() for m in masked)
+    acc_a = float((logits[:bs].argmax(1) == batch.auth_y).float().mean())
+    acc_u = [float((logits[bs * (k + 1): bs * (k + 2)].argmax(1) == yk).float().mean())
+             for k, yk in enumerate(batch.unauth_y)]
+    return {"step": step, "loss_source": loss_src.item(), "loss_target": loss_tgt.item(), "lambda": lam,
+            "kept": kept, "batch_acc_authorized": acc_a, "batch_acc_unauthorized": acc_u}
+
+
+@torch.no_grad()
+def final_masks(masked: list[MaskedParam], chosen: dict[str, torch.Tensor], granularity: str) -> dict[str, np.ndarray]:
+    """{0,1} uint8 arrays of each weight's full shape (channel masks expanded)."""
+    out = {}
+    for m in masked:
+        full = chosen[m.name].expand_as(m.original) if granularity == "channel" else chosen[m.name]
+        out[m.name] = full.detach().cpu().numpy().astype(np.uint8).copy()
+    return out
 
 
 def masked_forward(module: torch.nn.Module, masks: dict[str, np.ndarray], x: np.ndarray,
