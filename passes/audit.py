@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from .base import PassError, PassResult
-from .graph_utils import rowwise_scale
+from .graph_utils import oriented, rowwise_scale
 
 LEAK = re.compile(r"(^|[\s\"'(=])(/(home|root|tmp|usr|opt|work|Users|var)/|[A-Za-z]:\\\\)|Traceback \(most recent")
 
@@ -120,12 +120,9 @@ class Audit:
                 cands = [(key, arrays[key])]
             else:
                 cands = []
-                for n, a in arrays.items():   # as stored, or transposed (MatMul); a square weight may be either
-                    views = ([a] if a.shape == mask.shape else []) + \
-                            ([a.T] if a.ndim == 2 and a.T.shape == mask.shape else [])
-                    fit = next((v for v in views if not np.any(v[zeros])), None)
-                    if fit is not None:
-                        cands.append((n, fit))
+                for n, view, _ in oriented(arrays, mask.shape):   # the orientation that carries the mask's zeros
+                    if not np.any(view[zeros]) and all(n != c for c, _ in cands):
+                        cands.append((n, view))
             if not cands:
                 problems.append(f"weight {key!r} not found with its masked positions at zero")
                 continue

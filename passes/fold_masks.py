@@ -26,7 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from .base import PassError, PassResult
-from .graph_utils import rowwise_scale
+from .graph_utils import oriented, rowwise_scale
 
 
 def _find(inits: dict[str, onnx.TensorProto], arrays: dict[str, np.ndarray], key: str,
@@ -37,11 +37,9 @@ def _find(inits: dict[str, onnx.TensorProto], arrays: dict[str, np.ndarray], key
     if original is None:
         return []
     found = []
-    for name, arr in arrays.items():
-        if arr.shape == original.shape and np.array_equal(arr, original):
-            found.append((name, False))
-        elif original.ndim == 2 and arr.shape == original.T.shape and np.array_equal(arr, original.T):
-            found.append((name, True))
+    for name, view, transposed in oriented(arrays, original.shape):
+        if np.array_equal(view, original) and all(name != n for n, _ in found):
+            found.append((name, transposed))
     if not found:
         found = [(name, False) for name, arr in arrays.items() if rowwise_scale(arr, original) is not None]
     return found

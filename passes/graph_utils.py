@@ -98,6 +98,17 @@ def unique_name(graph: onnx.GraphProto, base: str) -> str:
     return name
 
 
+def oriented(arrays: dict[str, np.ndarray], shape: tuple[int, ...]):
+    """(name, view, transposed) for every initializer that can hold a weight of ``shape``: as stored, or
+    transposed (a Linear exported as MatMul stores W^T). A square 2-D weight yields both orientations; the
+    caller's test (equal values, the mask's zeros) tells which one is the weight."""
+    for name, a in arrays.items():
+        if a.shape == tuple(shape):
+            yield name, a, False
+        if a.ndim == 2 and a.T.shape == tuple(shape):
+            yield name, a.T, True
+
+
 def rowwise_scale(a: np.ndarray, w: np.ndarray, rtol: float = 1e-4) -> np.ndarray | None:
     """Per-output-row scales s with a[o] = s[o] * w[o] (a Conv weight with BatchNorm folded in), or None.
 
