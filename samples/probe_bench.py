@@ -37,7 +37,7 @@ def compile_seed(seed: int, out: Path, overrides: dict) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         # relative paths in the config are relative to the file: make them absolute
         for key in ("models/", "digits/"):
-            text = text.replace(f'"{key}', f'"{HERE / key}')
+            text = text.replace(f'"{key}', f'"{HERE}/{key}')
         cfg_path.write_text(text)
     cmd = [sys.executable, "-m", "mapc.cli", "compile", "--config", str(cfg_path), "-o", str(out),
            "--seed", str(seed), "-q"]
