@@ -16,7 +16,11 @@ Invariant enforced here, on the zip listing and the small JSON configs only
   ``use_pickle = false`` and names a raw tensor record that exists;
 - the sample-inputs member (the one pickle torch.export keeps) loads under
   torch's restricted unpickler (``weights_only=True``); it is never given to
-  the unrestricted one.
+  the unrestricted one;
+- the program JSON names no Python module to import: torch's pytree decoder
+  imports the module a ``defaultdict`` context or an ``__enum__`` value names
+  (``importlib.import_module``), which runs that module's code; plain
+  tensor-in, tensor-out programs never carry either.
 
 ``restricted_torch_load`` is the second wall: while torch.export deserialises a
 checked archive, ``torch.load`` is forced to ``weights_only=True`` and
@@ -70,6 +74,9 @@ def check_pt2(path: Path) -> None:
                                 f"pickle, so mapc refuses it. Re-save it with a current torch.export.save")
             records = _check_payload_configs(path, z, tails)
             for tail, full in tails.items():
+                if tail.startswith("models/"):
+                    _check_program_json(path, tail, z.read(full))
+            for tail, full in tails.items():
                 if tail.startswith(("data/weights/", "data/constants/")) and not tail.endswith(".json") \
                         and tail not in records:
                     raise UserError(f"{path}: archive member {tail!r} is not a raw tensor record listed in the "
@@ -116,6 +123,16 @@ def _check_payload_configs(path: Path, z: zipfile.ZipFile, tails: dict[str, str]
                 raise UserError(f"{path}: {kind[:-1]} {fqn!r} points at a missing record {record!r}; re-save the model")
             records.add(rec_tail)
     return records
+
+
+_IMPORTING_KEYS = (b"default_factory_module", b"__enum__")
+
+
+def _check_program_json(path: Path, tail: str, data: bytes) -> None:
+    for key in _IMPORTING_KEYS:
+        if key in data:
+            raise UserError(f"{path}: {tail} asks torch to import a Python module by name ({key.decode()}), which "
+                            f"would run code; refusing to load it. Export the model with tensor inputs and outputs")
 
 
 def _check_restricted_pickle(path: Path, tail: str, data: bytes) -> None:

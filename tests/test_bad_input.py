@@ -78,6 +78,9 @@ PT2_ATTACKS = {
     "aoti_library": lambda m, r, marker: m.__setitem__(f"{r}/data/aotinductor/model/model.so", b"\x7fELF"),
     "opaque_constant": _opaque_constant,
     "legacy_weights": lambda m, r, marker: m.__setitem__(f"{r}/data/weights/model.pt", torch_saved_payload(marker)),
+    "importing_treespec": lambda m, r, marker: m.__setitem__(
+        f"{r}/models/model.json", m[f"{r}/models/model.json"].replace(
+            b'"in_spec"', b'"default_factory_module": "os", "in_spec"', 1)),
 }
 
 
