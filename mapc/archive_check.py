@@ -23,9 +23,16 @@ Invariant enforced here, on the zip listing and the small JSON configs only
   tensor-in, tensor-out programs never carry either.
 
 ``restricted_torch_load`` is the second wall: while torch.export deserialises a
-checked archive, ``torch.load`` is forced to ``weights_only=True`` and
-``pickle.loads`` inside torch's archive reader refuses, so a check that missed
-something still cannot run code.
+checked archive, ``torch.load`` is forced to ``weights_only=True``, and
+``pickle.loads`` inside torch's archive reader and ``importlib`` inside torch's
+pytree decoder refuse, so a check that missed something still cannot run code
+that way.
+
+The program itself is checked as data (``_check_program_json``): operators
+must be aten/prims (or ``_operator``) and not in a deny-list of ops that touch
+files or the console; guards must be plain size comparisons (torch ``exec``s
+them). A deny-list is not a proof: a graph is code in a restricted language,
+and a model from an unknown source deserves the care code does.
 """
 from __future__ import annotations
 
@@ -125,14 +132,66 @@ def _check_payload_configs(path: Path, z: zipfile.ZipFile, tails: dict[str, str]
     return records
 
 
-_IMPORTING_KEYS = (b"default_factory_module", b"__enum__")
+_IMPORTING_KEYS = {"default_factory_module", "__enum__"}
+_ALLOWED_TARGETS = re.compile(r"^(torch\.ops\.(aten|prims)\.[\w.]+|_operator\.\w+)$")
+_DENIED_OPS = ("from_file", "_print", "save", "_load")   # aten ops that touch files or the console
+_GUARD_ATOM = re.compile(r"L(\[(?:'\w+'|\"\w+\"|\d+)\])+|\.(size|stride)\(\)|\[\d+\]|\b(and|or|not)\b")
 
 
 def _check_program_json(path: Path, tail: str, data: bytes) -> None:
-    for key in _IMPORTING_KEYS:
-        if key in data:
-            raise UserError(f"{path}: {tail} asks torch to import a Python module by name ({key.decode()}), which "
-                            f"would run code; refusing to load it. Export the model with tensor inputs and outputs")
+    """The program is data torch will not turn into code: no module imports, only aten/prims ops that touch
+    no files, guards that are plain size comparisons (torch exec()s them into a guard function)."""
+    try:
+        program = json.loads(data)
+    except ValueError:
+        raise UserError(f"{path}: {tail} is not valid JSON; re-save the model")
+
+    def refuse(why: str):
+        raise UserError(f"{path}: {tail} {why}; refusing to load it. Export the model with plain tensor inputs, "
+                        f"outputs and operators, or pass --trust-pickle if you trust its author")
+
+    def walk(node, depth=0):
+        if depth > 200:
+            refuse("is nested implausibly deep")
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in _IMPORTING_KEYS:
+                    refuse(f"asks torch to import a Python module by name ({k})")
+                if k == "target" and isinstance(v, str):
+                    if not _ALLOWED_TARGETS.match(v) or any(f".{op}." in v or v.endswith(f".{op}") for op in _DENIED_OPS):
+                        refuse(f"calls {v!r}, which is not a plain tensor operator")
+                walk(v, depth + 1)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, depth + 1)
+        elif isinstance(node, str) and node[:1] in "[{":
+            try:
+                inner = json.loads(node)   # treespecs are JSON inside JSON; decoding undoes \u escapes
+            except ValueError:
+                return
+            walk(inner, depth + 1)
+
+    walk(program)
+    for guard in program.get("guards_code") or []:
+        rest = _GUARD_ATOM.sub("", str(guard))
+        if not re.fullmatch(r"[ \t\d.()<>=!+\-*/%]*", rest):
+            refuse(f"holds a guard that is not a plain size comparison ({str(guard)[:40]!r})")
+
+
+def check_torchscript(path: Path) -> None:
+    """Refuse TorchScript code that runs at load time (__setstate__) or reads files (from_file)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if "/code/" in info.filename and info.filename.endswith(".py"):
+                    code = z.read(info.filename)
+                    for token in (b"__setstate__", b"from_file", b"aten::_load"):
+                        if token in code:
+                            raise UserError(f"{path}: its TorchScript code uses {token.decode()!r}, which runs at "
+                                            f"load time or reads files; refusing to load it (pass --trust-pickle "
+                                            f"only if you trust its author)")
+    except zipfile.BadZipFile as e:
+        raise UserError(f"{path}: not a readable TorchScript archive ({e})")
 
 
 def _check_restricted_pickle(path: Path, tail: str, data: bytes) -> None:
@@ -162,13 +221,23 @@ def restricted_torch_load():
             raise UserError("the archive asked to unpickle an object; refusing (pass --trust-pickle only "
                             "for a file you trust)")
 
+    class _NoImport:
+        def import_module(self, name, *args, **kwargs):
+            raise UserError(f"the archive asked torch to import module {name!r}; refusing")
+
+    import torch.utils._pytree as pytree
     saved_pickle = getattr(_package, "pickle", None)
+    saved_importlib = getattr(pytree, "importlib", None)
     torch.load = forced
     if saved_pickle is not None:
         _package.pickle = _NoPickle()
+    if saved_importlib is not None:
+        pytree.importlib = _NoImport()
     try:
         yield
     finally:
         torch.load = original_load
         if saved_pickle is not None:
             _package.pickle = saved_pickle
+        if saved_importlib is not None:
+            pytree.importlib = saved_importlib

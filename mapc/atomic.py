@@ -8,8 +8,9 @@ never survive and nothing is merged. On any error before the swap the staging
 folder is removed and the old target is left exactly as it was; if the swap
 itself fails, the old target is renamed back.
 
-Safety: a target is only ever replaced if it holds nothing but files mapc
-writes (``OWNED``); ``check_replaceable`` refuses anything else before work starts.
+Safety: a target is only ever replaced if it is empty, or carries mapc's
+marker file (``MARKER``, written into every output folder) and nothing but the
+files mapc writes (``OWNED``); compile refuses anything else before work starts.
 """
 from __future__ import annotations
 
@@ -20,14 +21,19 @@ import tempfile
 from pathlib import Path
 
 
-OWNED = frozenset({"protected.onnx", "protected.onnx.data", "report.json", "report.md", "report.html"})
+MARKER = ".mapc-output"
+OWNED = frozenset({MARKER, "protected.onnx", "protected.onnx.data", "report.json", "report.md", "report.html"})
 
 
 def foreign_entries(target: Path) -> list[str]:
-    """Names in ``target`` that mapc does not write (empty when it is absent or holds only mapc output)."""
+    """Names in ``target`` that mapc did not write: none when it is absent, empty, or a marked mapc output folder
+    holding only mapc's files; every name when it holds files but no marker."""
     if not target.is_dir():
         return []
-    return sorted(p.name for p in target.iterdir() if p.name not in OWNED or not p.is_file())
+    names = sorted(p.name for p in target.iterdir())
+    if names and not (target / MARKER).is_file():
+        return names
+    return [n for n in names if n not in OWNED or not (target / n).is_file()]
 
 
 @contextlib.contextmanager
@@ -39,6 +45,7 @@ def staged_dir(target: str | Path):
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=parent))
     try:
         yield stage
+        (stage / MARKER).write_text("written by mapc; this folder is replaced as a whole by the next build\n")
         foreign = foreign_entries(target)
         if foreign:  # checked before work started too; a folder may have changed meanwhile
             raise FileExistsError(f"{target} now holds files mapc did not write ({foreign[0]})")

@@ -47,6 +47,8 @@ class MapcGroup(click.Group):
             raise
         except KeyboardInterrupt:
             fail("interrupted; nothing was written")
+        except MemoryError:
+            fail("ran out of memory (data or model too large for this machine); nothing was written")
 
 
 @click.group(cls=MapcGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -214,6 +216,9 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     gates = VerifyGates(max_source_drop, max_target_acc, min_target_drop, max_probe_acc)
     validate_gates(gates)
     if report_path:
+        if not str(report_path).endswith(".json"):
+            raise UserError(f"--report {report_path}: give a .json path; report.md and report.html are written beside "
+                            f"it under the same stem")
         check_writable_file(report_path, "--report")
     pre = None
     if input_size or channels or mean or std:

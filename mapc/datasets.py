@@ -86,12 +86,33 @@ def load_domain(name: str, path: str | Path, num_classes: int | None = None) -> 
     return Domain(name, str(p), images, labels, split)
 
 
+MAX_ARRAY_BYTES = 16 << 30   # per array in an .npz; the header is read before any data
+
+
+def _check_npz_headers(p: Path) -> None:
+    """Refuse arrays whose declared size is implausible before numpy allocates them (a 10-byte header can
+    claim terabytes)."""
+    with zipfile.ZipFile(p) as z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with z.open(info) as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+            nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if nbytes > MAX_ARRAY_BYTES:
+                raise UserError(f"{p}: array {info.filename[:-4]!r} declares shape {shape} ({nbytes / 2**30:.0f} GiB), "
+                                f"more than mapc loads ({MAX_ARRAY_BYTES >> 30} GiB); split the data")
+
+
 def _load_npz(p: Path):
     if not zipfile.is_zipfile(p):
         raise UserError(f"{p}: not an .npz archive (np.savez writes one); rebuild or re-download it")
     try:
+        _check_npz_headers(p)
         with np.load(p, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+            arrays = {k: f[k] for k in f.files if k in ("images", "labels", "split")}
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise UserError(f"{p}: not a readable .npz file ({type(e).__name__}); rebuild or re-download it")
     except ValueError as e:

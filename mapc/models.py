@@ -86,6 +86,9 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
     if fmt == "export":
         loaded = LoadedModel(_load_export(p, trust_pickle), "export", str(p))
     elif fmt == "torchscript":
+        if not trust_pickle:
+            from .archive_check import check_torchscript
+            check_torchscript(p)
         try:
             m = torch.jit.load(str(p), map_location="cpu")
         except Exception as e:

@@ -146,6 +146,8 @@ def verdict(report: dict) -> str:
     if report.get("max_unauthorized_acc") is not None:
         parts.append(f"max unauthorized acc {report['max_unauthorized_acc']:.1f} %")
     parts.append(report.get("mode") or report["command"])
+    if not report["gates"]:
+        parts.append("no gates requested: nothing about protection was checked")
     summary = " | ".join(parts)
     if failed:
         return f"FAILED | {', '.join(failed)} | {summary}"

@@ -1,6 +1,7 @@
 """audit: prove the artifact carries the protection and nothing it must not.
 
 Fails the pipeline (PassError) when:
+- the mask prunes nothing (the artifact would be the unprotected model);
 - a masked position of a masked weight holds a non-zero (the weight is found
   by its parameter name, else by its mask pattern: an initializer of the
   same shape, or transposed shape, whose masked positions are all zero);
@@ -139,6 +140,8 @@ class Audit:
                         problems.append(f"initializer {n} equals the unmasked original of {key!r}")
                     elif a.shape == orig.shape and np.any(a[zeros]) and rowwise_scale(a, orig) is not None:
                         problems.append(f"initializer {n} is a per-channel rescaling of the unmasked original of {key!r}")
+        if self.masks and not any((np.asarray(m) == 0).any() for m in self.masks.values()):
+            problems.append("the mask prunes nothing: the artifact would be the unprotected model")
         problems += [f"{c['check']}: {c['detail']}" for c in artifact_checks(model)
                      if not c["passed"] and self._applies(c["check"])]
         if problems:

@@ -78,14 +78,31 @@ PT2_ATTACKS = {
     "aoti_library": lambda m, r, marker: m.__setitem__(f"{r}/data/aotinductor/model/model.so", b"\x7fELF"),
     "opaque_constant": _opaque_constant,
     "legacy_weights": lambda m, r, marker: m.__setitem__(f"{r}/data/weights/model.pt", torch_saved_payload(marker)),
-    "importing_treespec": lambda m, r, marker: m.__setitem__(
-        f"{r}/models/model.json", m[f"{r}/models/model.json"].replace(
-            b'"in_spec"', b'"default_factory_module": "os", "in_spec"', 1)),
+    "importing_treespec": lambda m, r, marker: _edit_program(m, r, b'"in_spec"', b'"default_factory_module": "os", "in_spec"'),
+    "escaped_enum_key": lambda m, r, marker: _edit_program(m, r, b'"in_spec"', b'"\\u005f_enum__": 1, "in_spec"'),
+    "file_reading_op": lambda m, r, marker: _edit_program(m, r, b'torch.ops.aten.conv2d.default',
+                                                          b'torch.ops.aten.from_file.default'),
+    "guard_code": lambda m, r, marker: _edit_program(
+        m, r, b'"guards_code": []', b'"guards_code": ["__import__(\'os\').system(\'touch ' + str(marker).encode()
+        + b'\')"]'),
 }
+
+
+def _edit_program(members, root, old: bytes, new: bytes) -> None:
+    name = f"{root}/models/model.json"
+    assert old in members[name], old
+    members[name] = members[name].replace(old, new, 1)
 
 
 def crafted_pt2(clean: Path, folder: Path, attack: str) -> Path:
     return rewrite_zip(clean, folder / f"{attack}.pt2", lambda m, r: PT2_ATTACKS[attack](m, r, folder / MARKER))
+
+
+def torchscript_with_setstate(clean: Path, folder: Path) -> Path:
+    def edit(members, root):
+        code = next(n for n in members if "/code/" in n and n.endswith(".py"))
+        members[code] += b"\n  def __setstate__(self, state: Tuple[Tensor]) -> None:\n    return None\n"
+    return rewrite_zip(clean, folder / "setstate.torchscript.pt", edit)
 
 
 def crafted_torchscript(clean: Path, folder: Path) -> Path:
@@ -110,6 +127,16 @@ def write(path: Path, data) -> Path:
 
 def npz(path: Path, **arrays) -> Path:
     np.savez(path, **arrays)
+    return path
+
+
+def npz_header_bomb(path: Path) -> Path:
+    """An .npz whose images.npy header claims 10^6 x 4096 x 4096 bytes and holds none of them."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False,
+                                               "shape": (10 ** 6, 4096, 4096)})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("images.npy", np.lib.format.MAGIC_PREFIX + b"\x01\x00" + buf.getvalue())
     return path
 
 
@@ -244,6 +271,8 @@ CASES = {
     "pt2_old_layout": lambda c: c.compile(str(old_layout_pt2(c.tmp))),
     "torchscript_python_pickle": lambda c: c.compile(str(crafted_torchscript(Path(c.models["plain"]["torchscript"]),
                                                                              c.tmp))),
+    "torchscript_setstate": lambda c: c.compile(str(torchscript_with_setstate(Path(c.models["plain"]["torchscript"]),
+                                                                              c.tmp))),
     "state_dict_without_arch": lambda c: c.compile(c.state_dict()),
     "arch_missing_module": lambda c: c.compile(c.state_dict(), extra=["--arch", "no_such_module:build"]),
     "arch_syntax_error": lambda c: c.compile(c.state_dict(), extra=["--arch", module_file(c.tmp, "broken_syntax",
@@ -278,6 +307,7 @@ CASES = {
     "data_folder_corrupt_image": lambda c: c.compile(data=c.data(["--unauthorized", f"f={image_folder(c.tmp / 'imgs', 'corrupt')}"])),
     "data_folder_decompression_bomb": lambda c: c.compile(data=c.data(["--unauthorized", f"f={image_folder(c.tmp / 'imgs', 'bomb')}"])),
     "data_no_test_rows": _split_all_train,
+    "data_npz_header_claims_terabytes": lambda c: c.compile(data=c.data(["--unauthorized", f"f={npz_header_bomb(c.tmp / 'b.npz')}"])),
     "data_duplicate_name": lambda c: c.compile(data=c.data(["--unauthorized", f"syn={c.domains['mnistm']}"])),
     "data_name_in_both_roles": lambda c: c.compile(data=c.data(["--unauthorized", f"mnist={c.domains['mnistm']}"])),
     "data_spec_without_name": lambda c: c.compile(data=["--authorized", str(c.domains["mnist"]),
@@ -351,6 +381,8 @@ CASES = {
                                                 "--unauthorized", f"syn={c.domains['mnistm']}"),
     "verify_unlabelled_data": lambda c: c.verify("--unauthorized", f"u={npz(c.tmp / 'u.npz', images=np.zeros((4, 8, 8), np.uint8))}"),
     "verify_no_data": lambda c: c.verify(),
+    "verify_report_not_json": lambda c: c.verify("--unauthorized", f"syn={c.domains['syn']}", "--report",
+                                                 c.tmp / "notes.md"),
     "verify_source_gate_without_baseline": lambda c: c.verify("--authorized", f"mnist={c.domains['mnist']}",
                                                               "--max-source-drop", "1"),
 }

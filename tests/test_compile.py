@@ -41,7 +41,8 @@ def test_compile_tiny_model_end_to_end(tmp_path, tiny_models, small_domains, arc
     r = compile_cli(tiny_args(tiny_models[arch][fmt], small_domains, out, extra))
     assert r.exit_code == 0, r.output + r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith("PASSED |")
-    assert sorted(p.name for p in out.iterdir()) == ["protected.onnx", "report.html", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".mapc-output", "protected.onnx", "report.html", "report.json",
+                                                     "report.md"]
 
     model = onnx.load(out / "protected.onnx")
     onnx.checker.check_model(model, full_check=True)

@@ -66,7 +66,8 @@ def test_outdir_is_replaced_as_a_whole(tmp_path, tiny_models, small_domains):
     assert run(*compile_args(tiny_models["plain"]["export"], small_domains, out)).exit_code == 0
     (out / "protected.onnx.data").write_bytes(b"stale external data from an older, larger build")
     assert run(*compile_args(tiny_models["plain"]["export"], small_domains, out, "--seed", "3")).exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["protected.onnx", "report.html", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".mapc-output", "protected.onnx", "report.html", "report.json",
+                                                     "report.md"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
@@ -114,3 +115,12 @@ def test_fixed_batch_relaxation_matches_the_original_program(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(x), m(x), rtol=1e-5, atol=1e-5)
     shutil.rmtree(tmp_path)
+
+
+def test_a_mask_that_prunes_nothing_is_not_shipped(tmp_path, tiny_models, small_domains):
+    cfg = tmp_path / "nomask.toml"
+    cfg.write_text("[mask]\nscore_init = 1000.0\n")
+    out = tmp_path / "out"
+    r = run(*compile_args(tiny_models["plain"]["export"], small_domains, out, "--config", cfg))
+    assert r.exit_code == 1 and "prunes nothing" in r.stderr, r.output
+    assert not out.exists()

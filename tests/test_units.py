@@ -84,7 +84,7 @@ def test_staged_dir_replaces_the_folder_whole_and_rolls_back_on_error(tmp_path):
         (stage / "protected.onnx.data").write_text("old data")
     with staged_dir(target) as stage:
         (stage / "report.json").write_text("2")
-    assert sorted(p.name for p in target.iterdir()) == ["report.json"]
+    assert sorted(p.name for p in target.iterdir()) == [".mapc-output", "report.json"]
     assert (target / "report.json").read_text() == "2"
     with pytest.raises(RuntimeError):
         with staged_dir(target) as stage:
@@ -92,6 +92,15 @@ def test_staged_dir_replaces_the_folder_whole_and_rolls_back_on_error(tmp_path):
             raise RuntimeError("disk full")
     assert (target / "report.json").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_folder_without_the_marker_is_never_mapc_s(tmp_path):
+    from mapc.atomic import foreign_entries
+    target = tmp_path / "out"
+    target.mkdir()
+    assert foreign_entries(target) == []                           # empty: fine
+    (target / "report.md").write_text("my own notes")               # a name mapc uses, but no marker
+    assert foreign_entries(target) == ["report.md"]
 
 
 def test_staged_dir_never_replaces_foreign_files(tmp_path):
