@@ -36,6 +36,20 @@ def foreign_entries(target: Path) -> list[str]:
     return [n for n in names if n not in OWNED or not (target / n).is_file()]
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest existing ancestor: where creating ``path`` would start."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def can_create(path: Path) -> bool:
+    """True when ``path`` could be created or replaced: its nearest existing ancestor is a writable folder."""
+    start = nearest_existing(Path(path).absolute().parent)
+    return start.is_dir() and os.access(start, os.W_OK | os.X_OK)
+
+
 @contextlib.contextmanager
 def staged_dir(target: str | Path):
     """Yield a staging folder; on success it replaces ``target`` as a whole."""

@@ -266,16 +266,14 @@ def passes_cmd(as_json):
 
 def check_writable_file(path: str, flag: str) -> None:
     """Fail before any work if ``path`` cannot be written (its nearest existing folder must be writable)."""
-    import os
     from pathlib import Path
+
+    from .atomic import can_create, nearest_existing
     p = Path(path)
     if p.exists() and not p.is_file():
         raise UserError(f"{p}: {flag} exists and is not a file; pick another path")
-    probe = p.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{p}: {flag}: {probe} is not a writable folder; pick a writable path")
+    if not can_create(p):
+        raise UserError(f"{p}: {flag}: {nearest_existing(p.parent)} is not a writable folder; pick a writable path")
 
 
 def _override_preprocess(base, input_size, channels, mean, std):

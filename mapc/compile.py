@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 import passes
 
 from . import __version__
-from .atomic import foreign_entries, staged_dir
+from .atomic import can_create, foreign_entries, nearest_existing, staged_dir
 from .config import CompileConfig, MaskConfig
 from .datasets import Domain, load_domain
 from .errors import UserError
@@ -96,8 +95,9 @@ def prepare_domain(d: Domain, role: str, cfg: CompileConfig) -> Split:
     tr = d.rows("train")
     if len(tr) == 0:
         raise UserError(f"{d.path}: domain {d.name!r} has no train rows in 'split'")
-    test = MeasuredRows.test_rows(d, role, cfg.preprocess)
-    return Split(apply(cfg.preprocess, d.images[tr]), None if d.labels is None else d.labels[tr], test)
+    x_train = apply(cfg.preprocess, d.images[tr])
+    test = MeasuredRows.test_rows(d, role, cfg.preprocess, train_x=x_train if d.has_split else None)
+    return Split(x_train, None if d.labels is None else d.labels[tr], test)
 
 
 def predict(module: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
@@ -352,11 +352,8 @@ def check_output_dir(outdir: Path) -> None:
     if foreign:
         raise UserError(f"{outdir}: holds files mapc did not write (e.g. {foreign[0]!r}) and would be replaced as a "
                         f"whole; pick an empty or new folder, or a previous mapc output folder")
-    probe = outdir
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{outdir}: {probe} is not writable; pick a writable -o")
+    if not can_create(outdir):
+        raise UserError(f"{outdir}: {nearest_existing(outdir.absolute().parent)} is not writable; pick a writable -o")
 
 
 def check_mode_data(mode: str, cfg: CompileConfig) -> None:

@@ -25,12 +25,8 @@ class Gates:
     max_probe_acc: float | None = None      # percent, every unauthorized domain, probe with 10 % of train rows
 
 
-LIMITS = {  # gate -> (lowest, highest) allowed limit; a limit outside makes a gate that cannot fail or cannot pass
-    "max_source_drop": (0.0, 100.0),
-    "max_target_acc": (0.0, 100.0),
-    "min_target_drop": (0.0, 100.0),
-    "max_probe_acc": (0.0, 100.0),
-}
+GATES = ("max_source_drop", "max_target_acc", "min_target_drop", "max_probe_acc")
+LIMIT_RANGE = (0.0, 100.0)   # points or percent; a limit outside makes a gate that cannot fail or cannot pass
 PROBE_GATE_FRACTION = "10%"
 
 
@@ -38,7 +34,8 @@ def validate_gates(g: Gates, where: str = "command line") -> None:
     """Every limit finite and inside its range; max limits strictly below 100 (100 % always passes)."""
     import math
     from .errors import UserError
-    for name, (lo, hi) in LIMITS.items():
+    lo, hi = LIMIT_RANGE
+    for name in GATES:
         v = getattr(g, name)
         if v is None:
             continue

@@ -53,15 +53,19 @@ class MeasuredRows:
     probe_y: np.ndarray | None = None
 
     @classmethod
-    def test_rows(cls, d: Domain, role: str, pre: Preprocess) -> "MeasuredRows":
+    def test_rows(cls, d: Domain, role: str, pre: Preprocess, train_x: np.ndarray | None = None) -> "MeasuredRows":
+        """The domain's test rows; unauthorized labelled domains with a split also carry their train rows for the
+        probe (``train_x``: those rows already preprocessed, when the caller has them)."""
         rows = d.rows("test")
         if len(rows) == 0:
             raise UserError(f"{d.path}: domain {d.name!r} has no test rows in 'split'")
         train = d.rows("train") if d.has_split else np.array([], np.int64)
         probe = role == "unauthorized" and d.labels is not None and len(train) > 0
+        if probe and train_x is None:
+            train_x = apply(pre, d.images[train])
         return cls(d.name, role, d.path, d.images[rows], apply(pre, d.images[rows]),
                    None if d.labels is None else d.labels[rows], d.has_split,
-                   apply(pre, d.images[train]) if probe else None, d.labels[train] if probe else None)
+                   train_x if probe else None, d.labels[train] if probe else None)
 
 
 @dataclass

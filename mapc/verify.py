@@ -109,7 +109,8 @@ def baseline_session(req: VerifyRequest, pre: Preprocess, provider: str):
     if not p.is_file():
         raise UserError(f"{p}: no such baseline model")
     if p.suffix == ".onnx":
-        return session(load_artifact(str(p), "baseline").SerializeToString(), provider, source=str(p)), "onnx"
+        load_artifact(str(p), "baseline")   # validated (external data inside its folder) before onnxruntime reads it
+        return session(str(p), provider, source=str(p)), "onnx"
     from .export import export_onnx
     from .models import load_model
     loaded = load_model(p, req.arch, req.trust_pickle)
@@ -137,7 +138,8 @@ def verify(req: VerifyRequest) -> dict:
     if req.gates.max_source_drop is not None and not req.authorized:
         raise UserError("--max-source-drop needs --authorized data")
 
-    s_prot = session(model.SerializeToString(), req.provider, source=str(req.artifact))
+    # by path: onnxruntime reads external data (>2 GB artifacts) itself; load_artifact has checked its locations
+    s_prot = session(str(req.artifact), req.provider, source=str(req.artifact))
     num_classes = int(s_prot.get_outputs()[0].shape[-1]) if isinstance(s_prot.get_outputs()[0].shape[-1], int) else None
     s_base, base_format = (baseline_session(req, pre, req.provider) if req.baseline else (None, None))
 
