@@ -217,12 +217,15 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
         has_auth_labels = p.splits[p.auth_name].y_train is not None
     else:
         from .synthesis import invert
-        say(f"synthesizing {cfg.synthesis.images} pseudo-authorized images by model inversion")
+        say(f"synthesizing {cfg.synthesis.images} pseudo-authorized images by model inversion "
+            f"({cfg.synthesis.method})")
         sx, sy, stats = invert(module, p.loaded.format, cfg.preprocess.input_shape, p.num_classes,
-                               cfg.synthesis, cfg.seed, p.device, progress=progress)
+                               cfg.synthesis, cfg.seed, p.device, cfg.preprocess.mean, cfg.preprocess.std,
+                               progress=progress)
         clock.seconds["synthesis_seconds"] = stats["seconds"]
         say(f"synthesis: {stats['seconds']:.1f} s; BN-statistics mismatch {stats['bn_mismatch_synthetic']:.3f} "
             f"(Gaussian noise: {stats['bn_mismatch_noise']:.3f})")
+        stats["feasibility"] = feasibility(cfg, p, sx)
         preview = sx[:32].cpu()
         (auth_x, auth_y), val_auth = split_validation(sx, sy, cfg.mask.val_rows, rng)
         has_auth_labels = True
@@ -230,7 +233,7 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
         teacher = F.log_softmax(predict(module, auth_x), 1)
         unauth, val_unauth = unauthorized_rows(cfg, p, auth_x, auth_y, val_auth, tensors)
         data = TrainData(auth_x, auth_y if has_auth_labels else None, teacher, unauth, val_auth, val_unauth)
-        mask_cfg = cfg.mask.resolved_for(synthesized_authorized=synthesized)
+        mask_cfg = cfg.mask.resolved_for(p.mode)
         result = learn_mask(module, data, p.num_classes, mask_cfg, cfg.seed, p.device, progress=progress)
         module.to("cpu")
     if weights_fingerprint(module) != p.fingerprint:
@@ -238,6 +241,22 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
     say(f"mask: {result.pruned_fraction() * 100:.1f} % of masked weights pruned "
         f"(step {result.selected_step} selected) in {result.seconds:.1f} s")
     return Learned(result, mask_cfg, learned_from, stats, preview)
+
+
+def feasibility(cfg: CompileConfig, p: Prepared, synthetic: torch.Tensor) -> dict:
+    """Which given unauthorized domains a mask learned from synthesized data can separate at all
+    (``synthesis.separability``); one warning line on stderr per domain that it cannot (never muted)."""
+    from .synthesis import separability
+    domains = {n: torch.from_numpy(p.splits[n].x_train).to(p.device) for n in cfg.unauthorized}
+    out = separability(p.loaded.module, p.loaded.format, synthetic, domains)
+    for name, d in out.items():
+        if not d["separable"]:
+            d["warning"] = (f"unauthorized domain {name!r} looks like the model's training data (BatchNorm-statistics "
+                            f"mismatch {d['bn_mismatch']:.3f}, {d['of_noise']:.3f} of Gaussian noise's; synthesized data "
+                            f"{d['bn_mismatch_synthetic']:.3f}): {p.mode} protection cannot separate it from the "
+                            f"authorized domain; give authorized data (--authorized NAME=PATH)")
+            print(f"[mapc] warning: {d['warning']}", file=sys.stderr)
+    return out
 
 
 def unauthorized_rows(cfg: CompileConfig, p: Prepared, auth_x, auth_y, val_auth, tensors):

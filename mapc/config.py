@@ -36,9 +36,13 @@ from .typed import typed_fields, typed_value
 from .gates import Gates, validate_gates
 from .preprocess import Preprocess, preprocess_from
 
-# Default lock for synthesized authorized data. Measured on the sample (README, "All three modes"):
-# without a lock the source-free mask keeps 0.4 % of real mnist, with 0.6 78.0 % (data-free: 69.0 -> 92.5 %).
-SYNTHESIZED_KEEP_SALIENT = 0.6
+# Default saliency lock per mode (the fraction of each layer's weights kept whatever the mask learns).
+# With real authorized rows nothing is locked. With synthesized ones the lock bounds what the mask can take
+# from the real authorized domain, which it never sees. Measured on the plain sample model with the
+# generator synthesis (seed 0, samples/README.md "Source-free and data-free"): source-free 0.3 keeps 69.6 %
+# of real mnist, 0.45 93.3 %, 0.6 92.3 % with uci 23.7 %; data-free 0.3 keeps 95.6 % (uci 29.6 %), 0.35
+# 95.9 % (uci 24.7 %), 0.4 96.7 % (uci 48.4 %), 0.5 97.4 % (uci 63.2 %).
+KEEP_SALIENT = {"source-available": 0.0, "source-free": 0.45, "data-free": 0.35}
 
 
 @dataclass
@@ -71,7 +75,7 @@ class MaskConfig:
     val_rows: int = 500                  # held out of each domain's train rows for mask selection
     source_budget: float = 1.0           # points of validation source drop a selected mask may cost
     keep_salient: float | None = None    # fraction locked by saliency; None: 0 with real authorized rows,
-                                         # SYNTHESIZED_KEEP_SALIENT with synthesized ones (see resolved_for)
+                                         # the mode's KEEP_SALIENT (see resolved_for)
 
     def __post_init__(self):
         if self.granularity not in ("weight", "channel"):
@@ -81,25 +85,43 @@ class MaskConfig:
         if self.keep_salient is not None and not 0.0 <= self.keep_salient < 1.0:
             raise UserError(f"mask.keep_salient must be in [0, 1), got {self.keep_salient}")
 
-    def resolved_for(self, synthesized_authorized: bool) -> "MaskConfig":
-        """A copy with ``keep_salient`` decided: explicit values win, otherwise 0 for real rows."""
+    def resolved_for(self, mode: str) -> "MaskConfig":
+        """A copy with ``keep_salient`` decided: an explicit value wins, otherwise the mode's default."""
         if self.keep_salient is not None:
             return replace(self)
-        return replace(self, keep_salient=SYNTHESIZED_KEEP_SALIENT if synthesized_authorized else 0.0)
+        return replace(self, keep_salient=KEEP_SALIENT[mode])
+
+
+SYNTHESIS_METHODS = ("generator", "pixels")
 
 
 @dataclass
 class SynthesisConfig:
-    images: int = 512           # synthetic pseudo-authorized images
-    batch: int = 256
-    steps: int = 100            # optimisation steps per batch
-    lr: float = 0.1
+    """Model inversion settings (``mapc.synthesis``). ``batch``, ``steps`` and ``lr`` depend on the method
+    and default to its measured values when left unset (see ``resolved``)."""
+    method: str = "generator"   # "generator": a conditional generator; "pixels": per-image optimisation
+    images: int = 2048          # synthetic pseudo-authorized images
+    batch: int | None = None    # generator: images per training step (64); pixels: images per batch (256)
+    steps: int | None = None    # generator: training steps (800); pixels: optimisation steps per batch (100)
+    lr: float | None = None     # generator: Adam lr (1e-3); pixels: Adam lr on the pixels (0.1)
+    width: int = 32             # generator channels
     bn_weight: float = 1.0
-    tv_weight: float = 0.5
-    l2_weight: float = 1e-3
-    init_std: float = 0.2
     first_bn_weight: float = 10.0   # the first BatchNorm sees the input statistics directly: weight it up
+    chroma_weight: float = 10.0     # prior: squared deviation of each channel from the pixel's channel mean
+    tv_weight: float = 0.5          # pixels only (the generator's convolutions are the smoothness prior)
+    l2_weight: float = 1e-3         # pixels only
+    init_std: float = 0.2           # pixels only
     jitter: int = 2                 # random translation (pixels) of the batch at every step
+
+    def __post_init__(self):
+        if self.method not in SYNTHESIS_METHODS:
+            raise UserError(f"synthesis.method must be one of {', '.join(SYNTHESIS_METHODS)}, got {self.method!r}")
+
+    def resolved(self) -> "SynthesisConfig":
+        """A copy with the method's defaults filled in for unset ``batch``, ``steps`` and ``lr``."""
+        gen = self.method == "generator"
+        return replace(self, batch=self.batch or (64 if gen else 256), steps=self.steps or (800 if gen else 100),
+                       lr=self.lr or (1e-3 if gen else 0.1))
 
 
 MODES = ("source-available", "source-free", "data-free")
@@ -203,7 +225,7 @@ def validate(cfg: CompileConfig, where: str = "config") -> None:
 
 # numeric settings that must be > 0; every other number must be >= 0 except those that may be negative
 POSITIVE = {"mask": {"steps", "batch_size", "lr", "temperature", "eval_every"},
-            "synthesis": {"images", "batch", "steps", "lr"}}
+            "synthesis": {"images", "batch", "steps", "lr", "width"}}
 SIGNED = {"mask": {"score_init"}, "synthesis": set()}
 
 

@@ -55,6 +55,7 @@ def markdown(report: dict, verdict_line: str) -> str:
                      f"{'pass' if g['passed'] else '**FAIL**'} |")
     if not report["gates"]:
         lines.append("| (none requested) | | | | |")
+    lines += synthesis_lines(report.get("synthesis"))
     dens = density_of(report)
     if dens:
         lines += ["", "## Weight density per layer", "", "| layer | kept (non-zero) |", "|---|---|"]
@@ -68,6 +69,26 @@ def markdown(report: dict, verdict_line: str) -> str:
                          f"{p['nodes_after']} | {p['initializer_bytes_before']} -> {p['initializer_bytes_after']} |")
     lines += ["", f"Execution providers: {', '.join(report.get('providers', []))}", ""]
     return "\n".join(lines)
+
+
+def synthesis_lines(syn: dict | None) -> list[str]:
+    """The synthesized data (source-free/data-free compiles): method, cost, and which unauthorized domains
+    it can be separated from, with the warnings."""
+    if not syn:
+        return []
+    lines = ["", "## Synthesized authorized data", "",
+             f"{syn['images']} images by {syn.get('method', 'pixels')} inversion in {syn['seconds']:.1f} s; "
+             f"BN-statistics mismatch {syn['bn_mismatch_synthetic']:.3f} (Gaussian noise: "
+             f"{syn['bn_mismatch_noise']:.3f})."]
+    feas = syn.get("feasibility") or {}
+    if feas:
+        lines += ["", "| unauthorized domain | BN mismatch | synthesized | Gaussian noise | of noise | separable |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {d['bn_mismatch']:.3f} | {d['bn_mismatch_synthetic']:.3f} | {d['bn_mismatch_noise']:.3f} | "
+                  f"{d['of_noise']:.3f} | "
+                  f"{'yes' if d['separable'] else '**no**'} |" for n, d in feas.items()]
+        lines += ["", *(f"**Warning:** {d['warning']}." for d in feas.values() if "warning" in d)]
+    return lines
 
 
 def density_of(report: dict) -> dict[str, float]:

@@ -134,9 +134,10 @@ def test_salient_weights_are_locked_and_never_pruned(granularity):
 
 def test_keep_salient_resolves_by_where_the_authorized_rows_come_from():
     from mapc.errors import UserError
-    from mapc.config import SYNTHESIZED_KEEP_SALIENT
-    assert MaskConfig().resolved_for(synthesized_authorized=False).keep_salient == 0.0
-    assert MaskConfig().resolved_for(synthesized_authorized=True).keep_salient == SYNTHESIZED_KEEP_SALIENT
-    assert MaskConfig(keep_salient=0.2).resolved_for(synthesized_authorized=True).keep_salient == 0.2
+    from mapc.config import KEEP_SALIENT
+    assert MaskConfig().resolved_for("source-available").keep_salient == 0.0
+    assert MaskConfig().resolved_for("source-free").keep_salient == KEEP_SALIENT["source-free"] > 0
+    assert MaskConfig().resolved_for("data-free").keep_salient == KEEP_SALIENT["data-free"] > 0
+    assert MaskConfig(keep_salient=0.2).resolved_for("data-free").keep_salient == 0.2
     with pytest.raises(UserError, match="keep_salient"):
         MaskConfig(keep_salient=1.0)

@@ -10,20 +10,44 @@ from click.testing import CliRunner
 from mapc.cli import main
 from mapc.errors import UserError
 from mapc.models import load_model
-from mapc.synthesis import BNProbe, SynthesisConfig, invert, neighbor_domains
+from mapc.synthesis import INSIDE_FRACTION, BNProbe, SynthesisConfig, chroma, invert, neighbor_domains, separability
 from tests.conftest import ROOT
-from tests.tiny_models import plain
+from tests.tiny_models import plain, residual
 
-FAST = SynthesisConfig(images=64, batch=64, steps=60, tv_weight=0.05)
+HALF = ((0.5,) * 3, (0.5,) * 3)     # the preprocessing mean/std the tests use
+CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("fmt", ["export", "state_dict"])
-def test_synthesized_batches_match_bn_statistics_far_better_than_noise(tiny_models, fmt):
-    m = load_model(tiny_models["residual"][fmt], arch="tests.tiny_models:residual")
+def calibrated_residual() -> torch.nn.Module:
+    """The tiny residual net with BatchNorm statistics of valid images (smooth blobs in [0, 1], normalised),
+    as training would leave them; the fixture's statistics are arbitrary and out of any image's reach."""
+    m = residual()
+    for bn in (m.bn, m.bn2):
+        bn.reset_running_stats()
+        bn.momentum = None            # cumulative average
+    g = torch.Generator().manual_seed(3)
+    m.train()
+    with torch.no_grad():
+        for _ in range(8):
+            blobs = torch.nn.functional.interpolate(torch.rand(64, 1, 4, 4, generator=g), size=(16, 16),
+                                                    mode="bilinear", align_corners=False)
+            m((blobs.expand(-1, 3, -1, -1) - 0.5) / 0.5)
+    return m.eval()
+
+
+@pytest.mark.parametrize("fmt,method", [("export", "pixels"), ("state_dict", "pixels"), ("module", "generator")])
+def test_synthesized_batches_match_bn_statistics_far_better_than_noise(tiny_models, fmt, method):
+    if fmt == "module":
+        m = type("Loaded", (), {"module": calibrated_residual(), "format": "state_dict"})
+    else:
+        m = load_model(tiny_models["residual"][fmt], arch="tests.tiny_models:residual")
     before = {k: v.clone() for k, v in m.module.state_dict().items()}
-    x, y, stats = invert(m.module, m.format, (3, 16, 16), 10, FAST, seed=0, device=torch.device("cpu"),
-                         progress=False)
-    assert x.shape == (64, 3, 16, 16) and set(y.tolist()) == set(range(10))
+    cfg = SynthesisConfig(method=method, images=64, batch=64, steps=300 if method == "generator" else 60,
+                          tv_weight=0.05)
+    x, y, stats = invert(m.module, m.format, (3, 16, 16), 10, cfg, 0, CPU, *HALF, progress=False)
+    assert x.shape == (64, 3, 16, 16) and set(y.tolist()) == set(range(10)) and stats["method"] == method
+    if method == "generator":     # sigmoid output: always valid pixels, (0, 1) -> (-1, 1) normalised
+        assert x.min() >= -1 - 1e-6 and x.max() <= 1 + 1e-6
     assert stats["bn_mismatch_synthetic"] < 0.75 * stats["bn_mismatch_noise"], stats
     for k, v in m.module.state_dict().items():
         assert torch.equal(v, before[k]), f"synthesis changed {k}"
@@ -32,13 +56,72 @@ def test_synthesized_batches_match_bn_statistics_far_better_than_noise(tiny_mode
 
 
 def test_sample_model_synthesis_beats_noise_on_bn_statistics():
-    m = load_model(ROOT / "samples/models/digits_cnn.pt2")
-    x, y, stats = invert(m.module, m.format, (3, 32, 32), 10, SynthesisConfig(images=64, batch=64, steps=30),
-                         seed=0, device=torch.device("cpu"), progress=False)
+    m = load_model(ROOT / "samples/models/digits_plain.pt2")
+    cfg = SynthesisConfig(method="pixels", images=64, batch=64, steps=100)
+    x, y, stats = invert(m.module, m.format, (3, 32, 32), 10, cfg, 0, CPU, *HALF, progress=False)
     assert stats["bn_mismatch_synthetic"] < 0.2 * stats["bn_mismatch_noise"], stats
     with torch.no_grad():
         agree = (m.module(x).argmax(1) == y).float().mean().item()
     assert agree > 0.9   # the frozen model reads the intended classes
+    plain_cfg = SynthesisConfig(method="pixels", images=64, batch=64, steps=100, chroma_weight=0.0)
+    x0, _, _ = invert(m.module, m.format, (3, 32, 32), 10, plain_cfg, 0, CPU, *HALF, progress=False)
+    assert chroma(x) < 0.7 * chroma(x0)       # the colour prior: greyer images (measured 0.55x at seed 0)
+
+
+class Standardised(torch.nn.Module):
+    """A random PlainNet whose logits are standardised per class on a calibration batch, so that its
+    argmax spreads over the classes (a random net's argmax is mostly one class)."""
+
+    def __init__(self, seed: int, calibration: torch.Tensor):
+        super().__init__()
+        from tests.tiny_models import PlainNet
+        torch.manual_seed(seed)
+        self.net = PlainNet().eval()
+        with torch.no_grad():
+            z = self.net(calibration)
+        self.register_buffer("mean", z.mean(0))
+        self.register_buffer("std", z.std(0))
+
+    def forward(self, x):
+        return (self.net(x) - self.mean) / self.std
+
+
+def test_student_fidelity_separates_informative_from_uninformative_images():
+    """A fresh student distilled on images from the real rows' distribution agrees with the teacher on
+    the real rows; one distilled on a single image repeated does not."""
+    from mapc.fidelity import student_fidelity
+    from tests.tiny_models import PlainNet
+    g = torch.Generator().manual_seed(0)
+
+    def blobs(n):   # smooth images: a low-dimensional input distribution a small student can learn on
+        return 2 * torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(16, 16),
+                                                   mode="bilinear", align_corners=False) - 1
+
+    teacher = Standardised(5, blobs(1000))
+    real_x = blobs(400)
+    with torch.no_grad():
+        real_y = teacher(real_x).argmax(1)
+    assert torch.bincount(real_y, minlength=10).max() < 200          # not one dominant class
+    informative, single = blobs(2000), blobs(1).expand(2000, -1, -1, -1).contiguous()
+    good = student_fidelity(PlainNet, teacher, informative, real_x, real_y, steps=600, seed=0)
+    bad = student_fidelity(PlainNet, teacher, single, real_x, real_y, steps=600, seed=0)
+    assert good.teacher_acc == 100.0 and good.images == 2000 and good.seconds > 0
+    assert good.student_acc > bad.student_acc + 20, (good, bad)
+
+
+def test_separability_flags_a_domain_inside_the_training_statistics():
+    """A domain optimised to the model's BatchNorm statistics (as close as training data) is not separable;
+    a far-off domain (loud noise) is."""
+    m = calibrated_residual()
+    weak = SynthesisConfig(method="pixels", images=64, batch=64, steps=10, tv_weight=0.05)
+    strong = SynthesisConfig(method="pixels", images=64, batch=64, steps=200, tv_weight=0.05)
+    synthetic, _, _ = invert(m, "state_dict", (3, 16, 16), 10, weak, 0, CPU, *HALF, progress=False)
+    inside, _, _ = invert(m, "state_dict", (3, 16, 16), 10, strong, 1, CPU, *HALF, progress=False)
+    noise = 3 * torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    out = separability(m, "state_dict", synthetic, {"inside": inside, "noise": noise})
+    assert out["inside"]["separable"] is False and out["noise"]["separable"] is True, out
+    assert out["inside"]["of_noise"] < INSIDE_FRACTION < out["noise"]["of_noise"]
+    assert out["inside"]["bn_mismatch_synthetic"] == out["noise"]["bn_mismatch_synthetic"] > 0
 
 
 def test_models_without_batchnorm_or_torchscript_are_refused(tiny_models):
@@ -52,7 +135,7 @@ def test_models_without_batchnorm_or_torchscript_are_refused(tiny_models):
 def test_neighbor_domains_keep_shape_and_differ():
     x = torch.randn(8, 3, 16, 16) * 0.3
     shifted = neighbor_domains(x, 0, (0.5,) * 3, (0.5,) * 3)
-    assert len(shifted) >= 4
+    assert len(shifted) == 7
     for s in shifted:
         assert s.shape == x.shape and not torch.allclose(s, x)
 
@@ -82,6 +165,9 @@ def test_mode_end_to_end_on_tiny_model(tmp_path, tiny_models, small_domains, mod
     assert "mnist" in report["domains"]                 # real authorized data measured, not learned from
     assert report["timings"]["synthesis_seconds"] > 0
     assert "synthesized" in (out / "report.html").read_text()
+    feas = report["synthesis"]["feasibility"]
+    assert set(feas) == ({"syn"} if mode == "source-free" else set())
+    assert "## Synthesized authorized data" in (out / "report.md").read_text()
     import onnx
     from passes import read_metadata
     sealed = read_metadata(onnx.load(str(out / "protected.onnx")))
@@ -96,7 +182,7 @@ def test_without_authorized_data_the_source_gate_fails_closed(tmp_path, tiny_mod
     cfg = tmp_path / "fast.toml"
     cfg.write_text("[synthesis]\nimages = 32\nbatch = 32\nsteps = 5\n")
     base = ["--config", cfg, tiny_models["residual"]["export"], "--mode", "source-free", "--input-size", "16", "16",
-            "--steps", "5", "-q", "--unauthorized", f"syn={small_domains['syn']}"]
+            "--steps", "30", "-q", "--unauthorized", f"syn={small_domains['syn']}"]
     r = run_cli([*base, "-o", tmp_path / "gated"])
     assert r.exit_code == 1, r.output + r.stderr
     assert "max_source_drop[-]=not measured (no authorized data" in r.stdout.strip().splitlines()[-1]
