@@ -226,3 +226,25 @@ def test_batchnorm_tap_records_and_restores_the_module(tiny_models, fmt):
     assert isinstance(after, torch.Tensor)
     torch.testing.assert_close(before, inside)
     torch.testing.assert_close(before, after)
+
+
+@pytest.mark.parametrize("stem,warned", [("digits_cnn", True), ("digits_plain", False)])
+def test_compile_warns_when_an_unauthorized_domain_is_inside_the_training_distribution(tmp_path, stem, warned):
+    """The colour-trained sample sees mnistm (coloured digits) as its own training data: the source-free
+    compile says so on stderr and in the reports. The grey-trained sample does not."""
+    cfg = tmp_path / "sf.toml"
+    cfg.write_text(f'model = "{ROOT}/samples/models/{stem}.pt2"\nmode = "source-free"\n'
+                   f'[preprocess]\nsize = [32, 32]\nchannels = 3\nmean = [0.5, 0.5, 0.5]\nstd = [0.5, 0.5, 0.5]\n'
+                   f'[unauthorized]\nmnistm = "{ROOT}/samples/digits/mnistm.npz"\n'
+                   f'[synthesis]\nimages = 128\nsteps = 20\n')
+    out = tmp_path / "out"
+    r = run_cli(["--config", cfg, "--steps", "30", "--no-gates", "-o", out, "-q"])
+    assert r.exit_code == 0, r.output + r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "warning" in ln]
+    report = json.loads((out / "report.json").read_text())
+    feas = report["synthesis"]["feasibility"]["mnistm"]
+    assert feas["separable"] is (not warned)
+    assert len(lines) == int(warned)
+    if warned:
+        assert "'mnistm'" in lines[0] and "--authorized" in lines[0] and feas["warning"] in lines[0]
+        assert feas["warning"] in (out / "report.md").read_text()
