@@ -43,6 +43,9 @@ from .preprocess import Preprocess, preprocess_from
 # of real mnist, 0.45 93.3 %, 0.6 92.3 % with uci 23.7 %; data-free 0.3 keeps 95.6 % (uci 29.6 %), 0.35
 # 95.9 % (uci 24.7 %), 0.4 96.7 % (uci 48.4 %), 0.5 97.4 % (uci 63.2 %).
 KEEP_SALIENT = {"source-available": 0.0, "source-free": 0.45, "data-free": 0.35}
+# Default hard-row mining of authorized batches per mode (candidates per kept row; 1 = off). Measured in
+# mapc.masking's docstring: it helps source-free and costs data-free its protection.
+HARD_KEEP = {"source-available": 1, "source-free": 8, "data-free": 1}
 
 
 @dataclass
@@ -74,6 +77,7 @@ class MaskConfig:
     eval_every: int = 50
     val_rows: int = 500                  # held out of each domain's train rows for mask selection
     source_budget: float = 1.0           # points of validation source drop a selected mask may cost
+    hard_keep: int | None = None         # authorized candidates per kept row (hardest by KL); None: HARD_KEEP
     keep_salient: float | None = None    # fraction locked by saliency; None: 0 with real authorized rows,
                                          # the mode's KEEP_SALIENT (see resolved_for)
 
@@ -86,10 +90,10 @@ class MaskConfig:
             raise UserError(f"mask.keep_salient must be in [0, 1), got {self.keep_salient}")
 
     def resolved_for(self, mode: str) -> "MaskConfig":
-        """A copy with ``keep_salient`` decided: an explicit value wins, otherwise the mode's default."""
-        if self.keep_salient is not None:
-            return replace(self)
-        return replace(self, keep_salient=KEEP_SALIENT[mode])
+        """A copy with ``keep_salient`` and ``hard_keep`` decided: explicit values win, otherwise the mode's
+        defaults."""
+        return replace(self, keep_salient=KEEP_SALIENT[mode] if self.keep_salient is None else self.keep_salient,
+                       hard_keep=HARD_KEEP[mode] if self.hard_keep is None else self.hard_keep)
 
 
 SYNTHESIS_METHODS = ("generator", "pixels")
@@ -224,7 +228,7 @@ def validate(cfg: CompileConfig, where: str = "config") -> None:
 
 
 # numeric settings that must be > 0; every other number must be >= 0 except those that may be negative
-POSITIVE = {"mask": {"steps", "batch_size", "lr", "temperature", "eval_every"},
+POSITIVE = {"mask": {"steps", "batch_size", "lr", "temperature", "eval_every", "hard_keep"},
             "synthesis": {"images", "batch", "steps", "lr", "width"}}
 SIGNED = {"mask": {"score_init"}, "synthesis": set()}
 

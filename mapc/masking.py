@@ -45,6 +45,13 @@ recognised gets the push. Optional: ``feature_weight`` adds the normalised
 squared distance between masked and frozen BatchNorm inputs on authorized
 batches (meant for synthesized data).
 
+Hard authorized rows (``hard_keep`` = k, default 8 in source-free mode, 1 = off otherwise): each
+step draws k times the batch of authorized rows and keeps the batch_size rows on which the current
+mask departs most from the frozen model, KL(f_s(x) || f_M(x)). With synthesized authorized images
+the mask otherwise learns to keep the easy ones and drift on the rest; measured on the plain
+sample (source-free, seed 0, lock 0.45) real mnist kept 93.3 % -> 96.4 % (uci 12.2 -> 13.6 %,
+mnistm 19.8 -> 23.7 %); in data-free mode it kept mnist but let uci back up (24.7 -> 68.9 %).
+
 Saliency lock (``keep_salient`` = f): before learning, every maskable weight
 gets the saliency s = sum_batches (dL/dW * W0)^2 of the frozen model on the
 authorized (or synthesized pseudo-authorized) train rows, L = CE(f_s(x), y)
@@ -331,12 +338,15 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) ->
     history = selector.history
     t0 = time.perf_counter()
     ramp = max(1, min(cfg.ramp_steps, cfg.steps // 3))
+    hard = cfg.hard_keep or 1            # unresolved (None): off
     try:
         bar = tqdm(range(cfg.steps), desc="mask", file=sys.stderr, disable=not progress, leave=False,
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
         for step in bar:
             lam = cfg.target_weight * min(1.0, (step + 1) / ramp)
-            batch = draw_batch(data, cfg.batch_size, rng, device)
+            batch = draw_batch(data, cfg.batch_size, rng, device, cfg.batch_size * hard)
+            if hard > 1:
+                batch = hardest_authorized(module, masked, batch, cfg.batch_size)
             teacher_feats = teacher_features(module, masked, batch.auth_x, tap)
             apply_masks(masked)
             logits = module(torch.cat([batch.auth_x, *batch.unauth_x]))
@@ -386,8 +396,9 @@ class Batch:
     unauth_y: list[torch.Tensor]
 
 
-def draw_batch(data: TrainData, bs: int, rng, device) -> Batch:
-    ia = torch.from_numpy(rng.integers(0, len(data.auth_x), bs)).to(device)
+def draw_batch(data: TrainData, bs: int, rng, device, auth_bs: int | None = None) -> Batch:
+    """``auth_bs`` (default ``bs``) authorized rows and ``bs`` rows of each unauthorized domain."""
+    ia = torch.from_numpy(rng.integers(0, len(data.auth_x), auth_bs or bs)).to(device)
     ux, uy = [], []
     for x, y in data.unauth:
         iu = torch.from_numpy(rng.integers(0, len(x), bs)).to(device)
@@ -396,6 +407,18 @@ def draw_batch(data: TrainData, bs: int, rng, device) -> Batch:
     given = data.auth_y[ia] if data.auth_y is not None else None
     teacher = data.auth_teacher[ia]
     return Batch(data.auth_x[ia], given if given is not None else teacher.argmax(1), given, teacher, ux, uy)
+
+
+@torch.no_grad()
+def hardest_authorized(module, masked: list[MaskedParam], batch: Batch, bs: int) -> Batch:
+    """Keep the ``bs`` authorized rows on which the current mask departs most from the frozen model
+    (largest KL(f_s || f_M)); the unauthorized rows are unchanged."""
+    apply_masks(masked)
+    t = batch.teacher
+    kl = (t.exp() * (t - F.log_softmax(module(batch.auth_x), 1))).sum(1)
+    idx = torch.topk(kl, bs).indices
+    given = batch.auth_y_given[idx] if batch.auth_y_given is not None else None
+    return Batch(batch.auth_x[idx], batch.auth_y[idx], given, t[idx], batch.unauth_x, batch.unauth_y)
 
 
 def teacher_features(module, masked: list[MaskedParam], x: torch.Tensor, tap) -> list[torch.Tensor] | None:

@@ -138,6 +138,25 @@ def test_keep_salient_resolves_by_where_the_authorized_rows_come_from():
     assert MaskConfig().resolved_for("source-available").keep_salient == 0.0
     assert MaskConfig().resolved_for("source-free").keep_salient == KEEP_SALIENT["source-free"] > 0
     assert MaskConfig().resolved_for("data-free").keep_salient == KEEP_SALIENT["data-free"] > 0
+    assert MaskConfig().resolved_for("source-free").hard_keep == 8 and MaskConfig().resolved_for("data-free").hard_keep == 1
+    assert MaskConfig(hard_keep=3).resolved_for("source-available").hard_keep == 3
     assert MaskConfig(keep_salient=0.2).resolved_for("data-free").keep_salient == 0.2
     with pytest.raises(UserError, match="keep_salient"):
         MaskConfig(keep_salient=1.0)
+
+
+def test_hardest_authorized_keeps_the_rows_the_mask_changes_most():
+    from mapc.masking import Batch, hardest_authorized, prepare, restore
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3)
+    masked = prepare(m, ["weight"], MaskConfig(), torch.device("cpu"))
+    with torch.no_grad():
+        masked[0].score[:, :2] = -1.0               # the mask removes the inputs 0 and 1
+    x = torch.zeros(6, 4)
+    x[[1, 4], 0] = 5.0                              # only rows 1 and 4 use a pruned input
+    with torch.no_grad():
+        teacher = torch.log_softmax(m(x), 1)
+    batch = Batch(x, teacher.argmax(1), None, teacher, [x[:2]], [teacher.argmax(1)[:2]])
+    hard = hardest_authorized(m, masked, batch, 2)
+    assert sorted(hard.auth_x[:, 0].tolist()) == [5.0, 5.0] and hard.unauth_x[0] is batch.unauth_x[0]
+    restore(masked)
