@@ -246,8 +246,14 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
 def feasibility(cfg: CompileConfig, p: Prepared, synthetic: torch.Tensor) -> dict:
     """Which given unauthorized domains a mask learned from synthesized data can separate at all
     (``synthesis.separability``); one warning line on stderr per domain that it cannot (never muted)."""
-    from .synthesis import separability
-    domains = {n: torch.from_numpy(p.splits[n].x_train).to(p.device) for n in cfg.unauthorized}
+    from .synthesis import SEPARABILITY_ROWS, separability
+    rng = np.random.default_rng(cfg.seed)     # a random sample: the rows may be sorted by class
+
+    def sample(x: np.ndarray) -> torch.Tensor:
+        rows = np.sort(rng.choice(len(x), min(len(x), SEPARABILITY_ROWS), replace=False))
+        return torch.from_numpy(x[rows]).to(p.device)
+
+    domains = {n: sample(p.splits[n].x_train) for n in cfg.unauthorized}
     out = separability(p.loaded.module, p.loaded.format, synthetic, domains)
     for name, d in out.items():
         if not d["separable"]:
