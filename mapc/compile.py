@@ -35,7 +35,7 @@ from .errors import UserError
 from .evaluate import latency_pair_ms, session
 from .export import export_onnx
 from .gates import evaluate_gates
-from .masking import MaskResult, TrainData, learn_mask, masked_forward, split_validation
+from .masking import MaskResult, TrainData, learn_mask, masked_forward, predict, split_validation
 from .measure import Measurement, MeasuredRows, measure_domains
 from .models import LoadedModel, load_model
 from .preprocess import apply
@@ -98,11 +98,6 @@ def prepare_domain(d: Domain, role: str, cfg: CompileConfig) -> Split:
     x_train = apply(cfg.preprocess, d.images[tr])
     test = MeasuredRows.test_rows(d, role, cfg.preprocess, train_x=x_train if d.has_split else None)
     return Split(x_train, None if d.labels is None else d.labels[tr], test)
-
-
-def predict(module: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([module(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
 class Clock:
@@ -225,7 +220,7 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
         clock.seconds["synthesis_seconds"] = stats["seconds"]
         say(f"synthesis: {stats['seconds']:.1f} s; BN-statistics mismatch {stats['bn_mismatch_synthetic']:.3f} "
             f"(Gaussian noise: {stats['bn_mismatch_noise']:.3f})")
-        stats["feasibility"] = feasibility(cfg, p, sx)
+        stats["feasibility"] = feasibility(cfg, p, stats)
         preview = sx[:32].cpu()
         (auth_x, auth_y), val_auth = split_validation(sx, sy, cfg.mask.val_rows, rng)
         has_auth_labels = True
@@ -243,18 +238,18 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
     return Learned(result, mask_cfg, learned_from, stats, preview)
 
 
-def feasibility(cfg: CompileConfig, p: Prepared, synthetic: torch.Tensor) -> dict:
+def feasibility(cfg: CompileConfig, p: Prepared, synthesis_stats: dict) -> dict:
     """Which given unauthorized domains a mask learned from synthesized data can separate at all
     (``synthesis.separability``); one warning line on stderr per domain that it cannot (never muted)."""
-    from .synthesis import SEPARABILITY_ROWS, separability
+    from .synthesis import REFERENCE_ROWS, separability
     rng = np.random.default_rng(cfg.seed)     # a random sample: the rows may be sorted by class
 
     def sample(x: np.ndarray) -> torch.Tensor:
-        rows = np.sort(rng.choice(len(x), min(len(x), SEPARABILITY_ROWS), replace=False))
+        rows = np.sort(rng.choice(len(x), min(len(x), REFERENCE_ROWS), replace=False))
         return torch.from_numpy(x[rows]).to(p.device)
 
     domains = {n: sample(p.splits[n].x_train) for n in cfg.unauthorized}
-    out = separability(p.loaded.module, p.loaded.format, synthetic, domains)
+    out = separability(p.loaded.module, p.loaded.format, domains, synthesis_stats)
     for name, d in out.items():
         if not d["separable"]:
             d["warning"] = (f"unauthorized domain {name!r} looks like the model's training data (BatchNorm-statistics "

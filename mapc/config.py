@@ -39,7 +39,8 @@ from .preprocess import Preprocess, preprocess_from
 # Default saliency lock per mode (the fraction of each layer's weights kept whatever the mask learns).
 # With real authorized rows nothing is locked. With synthesized ones the lock bounds what the mask can take
 # from the real authorized domain, which it never sees. Measured on the plain sample model with the
-# generator synthesis (seed 0, samples/README.md "Source-free and data-free"): source-free 0.3 keeps 69.6 %
+# generator synthesis, before hard-row mining (seed 0, samples/README.md "Synthesis: what was tried"):
+# source-free 0.3 keeps 69.6 %
 # of real mnist, 0.45 93.3 %, 0.6 92.3 % with uci 23.7 %; data-free 0.3 keeps 95.6 % (uci 29.6 %), 0.35
 # 95.9 % (uci 24.7 %), 0.4 96.7 % (uci 48.4 %), 0.5 97.4 % (uci 63.2 %).
 KEEP_SALIENT = {"source-available": 0.0, "source-free": 0.45, "data-free": 0.35}

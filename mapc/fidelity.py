@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .masking import predict
+
 
 @dataclass
 class Fidelity:
@@ -28,11 +30,6 @@ class Fidelity:
     images: int
     steps: int
     seconds: float
-
-
-def _predict(module: torch.nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([module(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
 def student_fidelity(make_student: Callable[[], torch.nn.Module], teacher: torch.nn.Module,
@@ -64,6 +61,6 @@ def student_fidelity(make_student: Callable[[], torch.nn.Module], teacher: torch
     student.eval()
 
     def acc(m):
-        return float((_predict(m, real_x).argmax(1) == real_y).float().mean() * 100)
+        return float((predict(m, real_x).argmax(1) == real_y).float().mean() * 100)
 
     return Fidelity(acc(student), acc(teacher), len(images), steps, time.perf_counter() - t0)

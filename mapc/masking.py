@@ -283,6 +283,12 @@ def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, rng: np.rando
     return (x[tr], y[tr]), (x[va], y[va])
 
 
+def predict(module: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Logits of ``module`` on ``x`` in batches, without gradients."""
+    with torch.no_grad():
+        return torch.cat([module(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
 def _accuracy(module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024, tap=None) -> float:
     if len(x) == 0:
         return 0.0

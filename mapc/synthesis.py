@@ -22,7 +22,7 @@ Two ways to produce x (``SynthesisConfig.method``):
     texture; measured on the plain sample model, a student distilled on them
     alone reaches 98.5 % on real mnist (97.5 % for "pixels") and the
     source-free mask keeps far more of the real authorized domain
-    (samples/README.md, "Synthesis").
+    (samples/README.md, "Synthesis: what was tried").
   - "pixels": DeepInversion-style per-image optimisation of each batch.
 Both add a colour prior, ``chroma_weight`` * mean_pixels ||x - mean_c(x)||^2:
 among inputs that explain the statistics equally well, prefer grey ones; a
@@ -127,16 +127,14 @@ def invert(module: nn.Module, model_format: str, input_shape: tuple[int, int, in
     try:
         bar = tqdm(total=_total_steps(cfg), desc="synthesize", file=sys.stderr, disable=not progress, leave=False,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
-        pixels = PixelSpace(pre_mean, pre_std, device)
         if cfg.method == "generator":
-            images, labels = _by_generator(probe, input_shape, num_classes, cfg, pixels, g, device, bar)
+            images, labels = _by_generator(probe, input_shape, num_classes, cfg, pre_mean, pre_std, g, device, bar)
         else:
             images, labels = _by_pixels(probe, input_shape, num_classes, cfg, g, device, bar)
         bar.close()
-        k = min(len(images), 256)
         stats = {"method": cfg.method, "images": int(len(images)), "steps": cfg.steps,
-                 "bn_mismatch_synthetic": bn_mismatch(probe, images[:k]),
-                 "bn_mismatch_noise": bn_mismatch(probe, torch.randn(images[:k].shape, generator=g).to(device)),
+                 "bn_mismatch_synthetic": bn_mismatch(probe, images[:REFERENCE_ROWS]),
+                 "bn_mismatch_noise": noise_mismatch(probe, images.shape[1:], device),
                  "seconds": time.perf_counter() - t0}
     finally:
         probe.close()
@@ -147,15 +145,9 @@ def _total_steps(cfg: SynthesisConfig) -> int:
     return cfg.steps if cfg.method == "generator" else cfg.steps * ((cfg.images + cfg.batch - 1) // cfg.batch)
 
 
-class PixelSpace:
-    """Maps between [0, 1] pixels and the model's normalised input (the configured preprocessing)."""
-
-    def __init__(self, mean, std, device):
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
-
-    def normalise(self, pix: torch.Tensor) -> torch.Tensor:
-        return (pix - self.mean) / self.std
+def balanced_labels(n: int, num_classes: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` class targets, every class as often as possible, in a random order."""
+    return (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
 
 
 def _jittered(x: torch.Tensor, jitter: int, g: torch.Generator) -> torch.Tensor:
@@ -206,25 +198,30 @@ class ConditionalGenerator(nn.Module):
         return torch.sigmoid(x)
 
 
-def _by_generator(probe, input_shape, num_classes, cfg, pixels: PixelSpace, g, device, bar):
+def _by_generator(probe, input_shape, num_classes, cfg, pre_mean, pre_std, g, device, bar):
     """Train a conditional generator against the frozen model (its weights never change), then sample
     ``cfg.images`` images with balanced classes."""
+    mean, std = _mean_std(torch.empty(0, device=device), pre_mean, pre_std)
+
+    def normalise(pix):
+        return (pix - mean) / std
+
     gen = ConditionalGenerator(num_classes, input_shape, cfg.width).to(device)
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     gen.train()
     for _ in range(cfg.steps):
         z = torch.randn(cfg.batch, gen.NZ, generator=g).to(device)
         y = torch.randint(0, num_classes, (cfg.batch,), generator=g).to(device)
-        loss = inversion_loss(probe, pixels.normalise(gen(z, y)), y, cfg, g)
+        loss = inversion_loss(probe, normalise(gen(z, y)), y, cfg, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.update(1)
     gen.eval()
-    labels = (torch.arange(cfg.images) % num_classes)[torch.randperm(cfg.images, generator=g)].to(device)
+    labels = balanced_labels(cfg.images, num_classes, g).to(device)
     z = torch.randn(cfg.images, gen.NZ, generator=g).to(device)
     with torch.no_grad():
-        images = torch.cat([pixels.normalise(gen(z[i:i + 256], labels[i:i + 256]))
+        images = torch.cat([normalise(gen(z[i:i + 256], labels[i:i + 256]))
                             for i in range(0, cfg.images, 256)])
     return images, labels
 
@@ -232,7 +229,7 @@ def _by_generator(probe, input_shape, num_classes, cfg, pixels: PixelSpace, g, d
 def _by_pixels(probe, input_shape, num_classes, cfg, g, device, bar):
     """Per-image optimisation (DeepInversion): each batch of normalised inputs is optimised directly,
     with total-variation and L2 priors."""
-    labels = (torch.arange(cfg.images) % num_classes)[torch.randperm(cfg.images, generator=g)]
+    labels = balanced_labels(cfg.images, num_classes, g)
     out = []
     for b in range(0, cfg.images, cfg.batch):
         y = labels[b:b + cfg.batch].to(device)
@@ -257,23 +254,29 @@ def _by_pixels(probe, input_shape, num_classes, cfg, g, device, bar):
 # and 0.071; through the plain (grey-trained) model, uci at 0.14, mnistm at 0.36, syn at 0.49. The noise reference
 # does not depend on the synthesis, whose own mismatch moves with the seed (0.23-0.41 on the plain model).
 INSIDE_FRACTION = 0.05
-SEPARABILITY_ROWS = 256
+REFERENCE_ROWS = 256     # rows each BN-statistics mismatch is measured on (synthesized, noise, each domain)
 
 
-def separability(module: nn.Module, model_format: str, synthetic: torch.Tensor,
-                 domains: dict[str, torch.Tensor], rows: int = SEPARABILITY_ROWS) -> dict[str, dict]:
-    """Per unauthorized domain: its BN-statistics mismatch (first ``rows`` rows), with the synthesized
-    set's and Gaussian noise's beside it. A domain closer to the model's training statistics than
-    ``INSIDE_FRACTION`` of the noise's distance is, as far as the model can tell, inside its training
-    distribution: a mask learned from synthesized data cannot separate it (``separable`` false)."""
+def noise_mismatch(probe: BNProbe, row_shape, device) -> float:
+    """The BN-statistics mismatch of ``REFERENCE_ROWS`` rows of standard Gaussian noise (fixed seed): the
+    far end of the scale every other mismatch is read against."""
+    noise = torch.randn(REFERENCE_ROWS, *row_shape, generator=torch.Generator().manual_seed(0))
+    return bn_mismatch(probe, noise.to(device))
+
+
+def separability(module: nn.Module, model_format: str, domains: dict[str, torch.Tensor],
+                 synthesis_stats: dict) -> dict[str, dict]:
+    """Per unauthorized domain: its BN-statistics mismatch (first ``REFERENCE_ROWS`` rows), with the
+    synthesized set's and Gaussian noise's (from ``invert``'s stats) beside it. A domain closer to the
+    model's training statistics than ``INSIDE_FRACTION`` of the noise's distance is, as far as the model
+    can tell, inside its training distribution: a mask learned from synthesized data cannot separate it
+    (``separable`` false)."""
+    ref, noise = synthesis_stats["bn_mismatch_synthetic"], synthesis_stats["bn_mismatch_noise"]
     probe = BNProbe(module, model_format)
     try:
-        noise_rows = torch.randn(synthetic[:rows].shape, generator=torch.Generator().manual_seed(0))
-        noise = bn_mismatch(probe, noise_rows.to(synthetic.device))
-        ref = bn_mismatch(probe, synthetic[:rows])
         out = {}
         for name, x in domains.items():
-            v = bn_mismatch(probe, x[:rows])
+            v = bn_mismatch(probe, x[:REFERENCE_ROWS])
             out[name] = {"bn_mismatch": v, "bn_mismatch_synthetic": ref, "bn_mismatch_noise": noise,
                          "of_noise": v / max(noise, 1e-12), "separable": v > INSIDE_FRACTION * noise}
         return out

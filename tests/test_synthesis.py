@@ -115,10 +115,10 @@ def test_separability_flags_a_domain_inside_the_training_statistics():
     m = calibrated_residual()
     weak = SynthesisConfig(method="pixels", images=64, batch=64, steps=10, tv_weight=0.05)
     strong = SynthesisConfig(method="pixels", images=64, batch=64, steps=200, tv_weight=0.05)
-    synthetic, _, _ = invert(m, "state_dict", (3, 16, 16), 10, weak, 0, CPU, *HALF, progress=False)
+    _, _, stats = invert(m, "state_dict", (3, 16, 16), 10, weak, 0, CPU, *HALF, progress=False)
     inside, _, _ = invert(m, "state_dict", (3, 16, 16), 10, strong, 1, CPU, *HALF, progress=False)
     noise = 3 * torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    out = separability(m, "state_dict", synthetic, {"inside": inside, "noise": noise})
+    out = separability(m, "state_dict", {"inside": inside, "noise": noise}, stats)
     assert out["inside"]["separable"] is False and out["noise"]["separable"] is True, out
     assert out["inside"]["of_noise"] < INSIDE_FRACTION < out["noise"]["of_noise"]
     assert out["inside"]["bn_mismatch_synthetic"] == out["noise"]["bn_mismatch_synthetic"] > 0
