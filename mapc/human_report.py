@@ -56,6 +56,7 @@ def markdown(report: dict, verdict_line: str) -> str:
     if not report["gates"]:
         lines.append("| (none requested) | | | | |")
     lines += synthesis_lines(report.get("synthesis"))
+    lines += attack_lines(report)
     dens = density_of(report)
     if dens:
         lines += ["", "## Weight density per layer", "", "| layer | kept (non-zero) |", "|---|---|"]
@@ -91,6 +92,60 @@ def synthesis_lines(syn: dict | None) -> list[str]:
     return lines
 
 
+ATTACK_HEADER = ("attack", "budget", "k", "domain", "data", "before", "after", "original after", "scratch",
+                 "detail")
+
+
+def attack_rows(report: dict) -> list[tuple[str, ...]]:
+    """One row per attack, budget and domain (`mapc attack`): accuracy before/after on the test rows."""
+    out = []
+    for r in report.get("attacks", []):
+        a, o = r["artifact"], r.get("original")
+        detail = []
+        if "linear_probe" in a:
+            detail.append(f"probe {a['linear_probe']:.1f} / relabel {a['relabel']:.1f}")
+        if "authorized_after" in a:
+            detail.append(f"authorized after {a['authorized_after']:.1f} %")
+        if "gain" in r:
+            detail.append(f"gain over scratch {r['gain']:+.1f}")
+        out.append((r["attack"], r["budget"], str(r["k"]), r["domain"], r["data"], f"{a['before']:.1f} %",
+                    f"{a['after']:.1f} %", "-" if o is None else f"{o['after']:.1f} %",
+                    _fmt(r.get("scratch"), ".1f", " %"), "; ".join(detail) or "-"))
+    return out
+
+
+WORST_HEADER = ("domain", "protected", "best attack on the artifact", "same attacks on the original",
+                "fine-tune vs scratch")
+
+
+def worst_rows(report: dict) -> list[tuple[str, ...]]:
+    out = []
+    for name, w in (report.get("worst") or {}).items():
+        best = (f"{w['attacked_acc']:.1f} % ({w['attack']}, {w['budget']})" if w.get("attacked_acc") is not None
+                else "-")
+        ft = (f"{w['finetune_acc']:.1f} vs {w['scratch_acc']:.1f} % ({w['finetune_gain']:+.1f}, "
+              f"{w['finetune_budget']})" if w.get("finetune_gain") is not None else "-")
+        out.append((name, _fmt(w.get("before"), ".1f", " %"), best, _fmt(w.get("original_attacked_acc"), ".1f", " %"),
+                    ft))
+    return out
+
+
+def attack_lines(report: dict) -> list[str]:
+    if "attacks" not in report:
+        return []
+    lines = ["", "## Worst case per unauthorized domain", "", "| " + " | ".join(WORST_HEADER) + " |",
+             "|" + "---|" * len(WORST_HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in worst_rows(report)]
+    lines += ["", "## Attacks", "", "| " + " | ".join(ATTACK_HEADER) + " |", "|" + "---|" * len(ATTACK_HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in attack_rows(report)]
+    st = report.get("settings", {})
+    lines += ["", f"Step budget: {st.get('steps')} Adam steps, batch {st.get('batch')}; learning rates: fine-tune "
+                  f"{st.get('finetune_lr')}, disguise {st.get('disguise_lr')}, self-training {st.get('selftrain_lr')}; "
+                  f"seed {st.get('seed')}. k = labelled (or, for self-training, unlabelled) train rows the attacker "
+                  f"holds; accuracies on the test rows, by onnxruntime."]
+    return lines
+
+
 def density_of(report: dict) -> dict[str, float]:
     if "weight_density" in report:
         return report["weight_density"]
@@ -117,6 +172,8 @@ def plots(report: dict, examples: dict | None, synthetic: np.ndarray | None = No
     import matplotlib.pyplot as plt
 
     out = {}
+    if report.get("attacks"):
+        out["attacks vs budget"] = attack_plot(report)
     rows = domain_rows(report)
     fig, ax = plt.subplots(figsize=(6, 3))
     x = np.arange(len(rows))
@@ -169,6 +226,51 @@ def plots(report: dict, examples: dict | None, synthetic: np.ndarray | None = No
     return out
 
 
+def attack_plot(report: dict) -> str:
+    """Unauthorized accuracy against the attacker's budget, per domain: one line per attack on the artifact
+    (solid), the same attack on the original (dashed), training from scratch (dotted)."""
+    import matplotlib.pyplot as plt
+
+    rows = report["attacks"]
+    domains = list(dict.fromkeys(r["domain"] for r in rows))
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    colours = dict(zip(attacks, ["#c0392b", "#2e86de", "#27ae60", "#8e44ad", "#e67e22", "#7f8c8d"]))
+    fig, axes = plt.subplots(1, len(domains), figsize=(3.6 * len(domains), 3.2), squeeze=False)
+    for ax, dom in zip(axes[0], domains):
+        for att in attacks:
+            mine = sorted((r for r in rows if r["domain"] == dom and r["attack"] == att), key=lambda r: r["fraction"])
+            if not mine:
+                continue
+            x = [r["fraction"] * 100 for r in mine]
+            ax.plot(x, [r["artifact"]["after"] for r in mine], "-o", color=colours[att], label=att, ms=4)
+            if all("original" in r for r in mine):
+                ax.plot(x, [r["original"]["after"] for r in mine], "--", color=colours[att], alpha=0.6)
+            if all("scratch" in r for r in mine):
+                ax.plot(x, [r["scratch"] for r in mine], ":", color="black", label="scratch")
+        before = report["domains"][dom]["protected_acc"]
+        ax.axhline(before, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{dom} (protected {before:.1f} %)", fontsize=9)
+        ax.set_xlabel("attacker's rows (% of train)", fontsize=8)
+    axes[0][0].set_ylabel("accuracy on test rows (%)")
+    axes[0][0].legend(fontsize=7, title="solid: artifact, dashed: original", title_fontsize=7)
+    return _png(fig)
+
+
+def attack_html(report: dict) -> str:
+    if "attacks" not in report:
+        return ""
+    esc = html.escape
+
+    def table_of(header, rows):
+        head = "".join(f"<th>{esc(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+    return ("<h2>Worst case per unauthorized domain</h2>" + table_of(WORST_HEADER, worst_rows(report)) +
+            "<h2>Attacks</h2>" + table_of(ATTACK_HEADER, attack_rows(report)))
+
+
 def html_report(report: dict, verdict_line: str, examples: dict | None = None,
                 synthetic: np.ndarray | None = None) -> str:
     imgs = plots(report, examples, synthetic)
@@ -192,6 +294,7 @@ figure{{display:inline-block;margin:1em}}</style></head><body>
 <h1>mapc {report['command']} report</h1>
 <p class="{status}">{esc(verdict_line)}</p>
 <table><tr><th>domain</th><th>role</th><th>n</th><th>original</th><th>protected</th><th>drop</th><th>ST-D</th><th>probe 1 %/10 % (original)</th></tr>{rows}</table>
+{attack_html(report)}
 <h2>Gates</h2><table><tr><th>gate</th><th>domain</th><th>value</th><th>limit</th><th>outcome</th></tr>{gates}</table>
 <h2>Plots</h2>{figures}
 <p>Execution providers: {esc(', '.join(report.get('providers', [])))}</p>

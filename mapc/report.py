@@ -6,7 +6,7 @@ checked by the tests). Every command's report starts with the same header
 
     schema_version   int, 2
     tool             {name, version, onnx, onnxruntime, numpy[, torch]}
-    command          "compile" | "verify"
+    command          "compile" | "verify" | "attack"
     providers        onnxruntime execution providers that actually ran
     preprocess       {size, channels, mean, std}
     domains          {NAME: {role, path, n, rows, labels, protected_acc, protected_ci95,
@@ -22,6 +22,9 @@ compile adds: mode, seed, model, learning_device, learned_from, synthesis, parit
 selected_step, config, history}, latency_ms_batch256 {original, protected, ratio}, passes
 [{name, changed, seconds, nodes_before, nodes_after, initializer_bytes_before,
 initializer_bytes_after, details}], artifact_files.
+attack adds (mapc.attack): artifact {path, sha256}, baseline, importer {artifact|original:
+{max_abs_logit_diff, rows, tolerance}}, settings, attacks [{attack, budget, fraction, k, data, domain,
+artifact {before, after, ...}, original {...}, scratch, gain}], worst {NAME: {...}}, max_attacked_acc.
 verify adds: artifact {path, sha256, metadata}, baseline, weight_density, integrity
 {passed, checks: [{check, passed, detail}]}, compile (the compile report's passes and mask).
 
@@ -121,6 +124,13 @@ def table(report: dict) -> str:
                      f"max |logit diff| {p['max_abs_logit_diff']:.2e} over {p['rows']} test rows")
         lines.append(f"mask: {report['mask']['granularity']}, {report['mask']['pruned_fraction'] * 100:.1f} % pruned; "
                      f"latency batch 256: {lat['original']:.1f} -> {lat['protected']:.1f} ms (ratio {lat['ratio']:.2f})")
+    if "attacks" in report:
+        from .human_report import ATTACK_HEADER, WORST_HEADER, attack_rows, worst_rows
+        lines += _aligned([ATTACK_HEADER[:-1]] + [r[:-1] for r in attack_rows(report)]) + [""]
+        lines += _aligned([WORST_HEADER] + worst_rows(report)) + [""]
+        imp = report["importer"]
+        lines.append("importer vs onnxruntime: " + ", ".join(
+            f"{k} max |logit diff| {v['max_abs_logit_diff']:.1e} over {v['rows']} rows" for k, v in imp.items()))
     if "artifact" in report and isinstance(report["artifact"], dict):
         lines.append(f"artifact sha256 {report['artifact']['sha256'][:16]}...")
     for g in report["gates"]:
@@ -145,6 +155,8 @@ def verdict(report: dict) -> str:
         parts.append(f"source drop {report['source_drop']:+.1f} pts")
     if report.get("max_unauthorized_acc") is not None:
         parts.append(f"max unauthorized acc {report['max_unauthorized_acc']:.1f} %")
+    if report.get("max_attacked_acc") is not None:
+        parts.append(f"max attacked acc {report['max_attacked_acc']:.1f} %")
     parts.append(report.get("mode") or report["command"])
     if not report["gates"]:
         parts.append("no gates requested: nothing about protection was checked")

@@ -103,31 +103,45 @@ def weight_density(model: onnx.ModelProto) -> dict[str, float]:
     return out
 
 
-def baseline_session(req: VerifyRequest, pre: Preprocess, provider: str):
-    """onnxruntime session for the baseline: an ONNX file, or any model format mapc compile accepts."""
-    p = Path(req.baseline)
+def baseline_model(path: str, pre: Preprocess, arch: str | None, trust_pickle: bool) -> tuple[onnx.ModelProto, str]:
+    """The baseline as an ONNX graph: an ONNX file, or any model format mapc compile accepts, exported."""
+    p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: no such baseline model")
     if p.suffix == ".onnx":
-        load_artifact(str(p), "baseline")   # validated (external data inside its folder) before onnxruntime reads it
-        return session(str(p), provider, source=str(p)), "onnx"
+        return load_artifact(str(p), "baseline"), "onnx"
     from .export import export_onnx
     from .models import load_model
-    loaded = load_model(p, req.arch, req.trust_pickle)
+    loaded = load_model(p, arch, trust_pickle)
     model, _ = export_onnx(loaded.module, loaded.format, pre.input_shape)
-    return session(model, provider), loaded.format
+    return model, loaded.format
+
+
+def baseline_session(req: VerifyRequest, pre: Preprocess, provider: str):
+    """onnxruntime session for the baseline: an ONNX file, or any model format mapc compile accepts."""
+    p = Path(req.baseline)
+    if p.suffix == ".onnx" and p.is_file():
+        load_artifact(str(p), "baseline")   # validated (external data inside its folder) before onnxruntime reads it
+        return session(str(p), provider, source=str(p)), "onnx"
+    model, fmt = baseline_model(req.baseline, pre, req.arch, req.trust_pickle)
+    return session(model, provider), fmt
+
+
+def artifact_preprocess(model: onnx.ModelProto, path: str, override: Preprocess | None) -> Preprocess:
+    """The preprocessing to measure with: ``override`` when given, else the artifact's sealed metadata."""
+    if override is not None:
+        return override
+    meta = sealed_metadata(model)
+    if "mapc.preprocess" in meta:
+        return preprocess_from(meta["mapc.preprocess"], f"{path}: sealed mapc.preprocess")
+    raise UserError(f"{path}: carries no mapc.preprocess metadata; pass --input-size/--channels/--mean/--std")
 
 
 def verify(req: VerifyRequest) -> dict:
     t_all = time.perf_counter()
     model = load_artifact(req.artifact)
     meta = sealed_metadata(model)
-    if req.preprocess is not None:
-        pre = req.preprocess
-    elif "mapc.preprocess" in meta:
-        pre = preprocess_from(meta["mapc.preprocess"], f"{req.artifact}: sealed mapc.preprocess")
-    else:
-        raise UserError(f"{req.artifact}: carries no mapc.preprocess metadata; pass --input-size/--channels/--mean/--std")
+    pre = artifact_preprocess(model, req.artifact, req.preprocess)
     if not req.authorized and not req.unauthorized:
         raise UserError("give data to measure: --authorized NAME=PATH and/or --unauthorized NAME=PATH")
     if len(req.authorized) > 1:
