@@ -330,7 +330,8 @@ def attack_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     chosen = tuple(dict.fromkeys(attacks)) if attacks else ATTACKS
     if not attacks and not authorized:
         chosen = tuple(a for a in ATTACKS if a != "source-finetune")
-        click.echo("[mapc] no --authorized data: the source-finetune attack is skipped", err=True)
+        if not quiet:
+            click.echo("[mapc] no --authorized data: the source-finetune attack is skipped", err=True)
     req = AttackRequest(artifact=artifact, authorized=parse_specs(authorized, "--authorized"),
                         unauthorized=parse_specs(unauthorized, "--unauthorized"), baseline=baseline,
                         attacks=chosen, budgets=tuple(budgets) if budgets else DEFAULT_BUDGETS, gates=gates,

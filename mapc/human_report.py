@@ -254,7 +254,10 @@ def attack_plot(report: dict) -> str:
         ax.set_title(f"{dom} (protected {before:.1f} %)", fontsize=9)
         ax.set_xlabel("attacker's rows (% of train)", fontsize=8)
     axes[0][0].set_ylabel("accuracy on test rows (%)")
-    axes[0][0].legend(fontsize=7, title="solid: artifact, dashed: original", title_fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels), fontsize=7,
+               title="solid: the artifact, dashed: the same attack on the original, grey: protected before attack",
+               title_fontsize=7)
     return _png(fig)
 
 

@@ -60,7 +60,7 @@ def load_artifact(path: str, what: str = "artifact") -> onnx.ModelProto:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as e:
-        raise UserError(f"{p}: not a readable ONNX model ({type(e).__name__})")
+        raise UserError(f"{p}: the {what} is not a readable ONNX model ({type(e).__name__})")
     if len(model.graph.node) == 0 or len(model.graph.input) == 0 or len(model.graph.output) == 0:
         raise UserError(f"{p}: not an ONNX model (no graph inputs, outputs or nodes); pass a .onnx artifact")
     check_external_data(model, p)
