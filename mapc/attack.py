@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .datasets import load_domain
+from .disguise import Disguise
 from .errors import UserError
 from .evaluate import accuracy, run_logits, session
 from .measure import MeasuredRows, measure_domains
@@ -182,24 +183,6 @@ def reinitialise(net: OnnxModule, seed: int) -> OnnxModule:
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return net
-
-
-class Disguise(nn.Module):
-    """x -> A x + b + r(x): a 1x1 colour map (identity at start) plus a residual 3x3 conv net (zero at start)."""
-
-    def __init__(self, channels: int, hidden: int = 8):
-        super().__init__()
-        self.colour = nn.Conv2d(channels, channels, 1)
-        self.r1 = nn.Conv2d(channels, hidden, 3, padding=1)
-        self.r2 = nn.Conv2d(hidden, channels, 3, padding=1)
-        with torch.no_grad():
-            self.colour.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
-            self.colour.bias.zero_()
-            self.r2.weight.zero_()
-            self.r2.bias.zero_()
-
-    def forward(self, x):
-        return self.colour(x) + self.r2(F.relu(self.r1(x)))
 
 
 # ---------------------------------------------------------------- the attacks
