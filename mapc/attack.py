@@ -15,7 +15,8 @@ runs before the unchanged artifact.
     target-finetune  every weight trained with cross-entropy on the k labelled unauthorized rows; beside it the
                      same graph with freshly initialised weights trained on the same rows and steps
                      ("scratch"). Protection holds where fine-tuning is no better than scratch
-    source-finetune  every weight trained on k labelled *authorized* rows only; unauthorized domains measured
+    source-finetune  every weight trained on k labelled *authorized* rows only; unauthorized domains measured;
+                     beside it the same graph trained from scratch on those rows ("scratch")
     input-disguise   weights frozen; a 1x1 colour map (per-channel affine included) plus a residual two-layer
                      3x3 conv net in front of the artifact, trained with cross-entropy on the k labelled rows
     self-training    the k rows unlabelled: SHOT-style information maximisation (mean prediction entropy minus
@@ -272,7 +273,7 @@ def check_import(victim: Victim, domains: list[AttackDomain]) -> dict:
 
 def run_attacks(req: AttackRequest, victims: list[Victim], domains: list[AttackDomain], num_classes: int,
                 progress: bool) -> list[dict]:
-    """One row per (attack, budget, unauthorized domain): before/after per victim, scratch for target-finetune."""
+    """One row per (attack, budget, unauthorized domain): before/after per victim, scratch for both fine-tunes."""
     s = req.settings
     unauth = [d for d in domains if d.role == "unauthorized"]
     auth = [d for d in domains if d.role == "authorized"]
@@ -328,9 +329,11 @@ def run_attacks(req: AttackRequest, victims: list[Victim], domains: list[AttackD
             seed = s.seed * 1000 + bi * 100 + 99
             picked = attacker_rows(a, fraction, num_classes, seed)
             results = {v.label: run_finetune(v, v.fresh(), a, picked, s, seed, domains) for v in victims}
+            scratch = run_finetune(victims[0], reinitialise(victims[0].fresh(), seed), a, picked, s, seed, domains)
             for d in unauth:
                 per = {label: {"after": acc[d.name], "authorized_after": acc[a.name]} for label, acc in results.items()}
-                add("source-finetune", fraction, len(picked), d, f"labelled authorized ({a.name})", per, before)
+                add("source-finetune", fraction, len(picked), d, f"labelled authorized ({a.name})", per, before,
+                    scratch=scratch[d.name])
     return rows
 
 

@@ -178,6 +178,7 @@ def test_command_prints_table_and_verdict_and_writes_reports(tmp_path, toy):
                                                           "input-disguise", "self-training"}
     assert {row["budget"] for row in data["attacks"]} == {"5%", "20%"}
     assert all("original" in row for row in data["attacks"])
+    assert all(isinstance(row.get("scratch"), float) for row in data["attacks"] if row["attack"].endswith("finetune"))
     assert data["importer"]["artifact"]["max_abs_logit_diff"] < 1e-4
     assert "scratch" in [h.strip() for h in report.with_suffix(".md").read_text().split("## Attacks")[1]
                          .splitlines()[2].split("|")]
