@@ -109,18 +109,34 @@ class Victim:
     label: str                      # "artifact" | "original"
     model: onnx.ModelProto
     sess: object
+    provider: str = "cpu"
 
     def fresh(self) -> OnnxModule:
         return import_onnx(self.model, self.label)
 
-    def accuracy_of(self, net: OnnxModule, domains: list[AttackDomain]) -> dict[str, float]:
-        """Top-1 of trained weights on each domain's test rows, by onnxruntime over the written-back graph."""
-        s = session(write_back(self.model, net))
-        return {d.name: accuracy(run_logits(s, d.rows.x), d.rows.labels) for d in domains}
+    def accuracy_of(self, net: OnnxModule, domains: list[AttackDomain]) -> dict[str, float | None]:
+        """Top-1 of trained weights on each domain's test rows, by onnxruntime over the written-back graph;
+        None where the attacked model's logits are not finite (the attack diverged)."""
+        s = session(write_back(self.model, net), self.provider)
+        return {d.name: finite_accuracy(run_logits(s, d.rows.x), d.rows.labels) for d in domains}
+
+
+def finite_accuracy(logits: np.ndarray, labels: np.ndarray) -> float | None:
+    """Top-1 (%), or None when any logit is NaN or infinite (argmax would silently read class 0)."""
+    return accuracy(logits, labels) if np.isfinite(logits).all() else None
 
 
 def log(msg: str) -> None:
     print(f"[mapc] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(v: float | None) -> str:
+    return "diverged" if v is None else f"{v:.1f} %"
+
+
+def run_seed(seed: int, budget_index: int, domain_index: int) -> int:
+    """A distinct seed per (attack seed, budget, domain): no two runs share one."""
+    return int(np.random.SeedSequence([seed, budget_index, domain_index]).generate_state(1)[0])
 
 
 def budget_label(fraction: float) -> str:
@@ -135,6 +151,8 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
 
 def train_steps(params: list[torch.Tensor], loss_fn, n: int, lr: float, s: AttackSettings, seed: int) -> None:
     """``s.steps`` Adam steps of ``loss_fn(index)`` over batches of row indices drawn from range(n)."""
+    if not params:      # nothing to train (e.g. self-training a model whose only weights are its head)
+        return
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     b = min(s.batch, n)
@@ -209,7 +227,7 @@ def run_finetune(victim: Victim, net: OnnxModule, d: AttackDomain, rows: np.ndar
     return victim.accuracy_of(net, measured)
 
 
-def run_disguise(victim: Victim, d: AttackDomain, rows: np.ndarray, s: AttackSettings, seed: int) -> float:
+def run_disguise(victim: Victim, d: AttackDomain, rows: np.ndarray, s: AttackSettings, seed: int) -> float | None:
     net = victim.fresh()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -220,7 +238,7 @@ def run_disguise(victim: Victim, d: AttackDomain, rows: np.ndarray, s: AttackSet
                 s.disguise_lr, s, seed)
     with torch.no_grad():
         disguised = np.concatenate([t(_tensor(d.rows.x[i:i + 512])).numpy() for i in range(0, len(d.rows.x), 512)])
-    return accuracy(run_logits(victim.sess, disguised.astype(np.float32)), d.rows.labels)
+    return finite_accuracy(run_logits(victim.sess, disguised.astype(np.float32)), d.rows.labels)
 
 
 def run_selftraining(victim: Victim, d: AttackDomain, rows: np.ndarray, s: AttackSettings, seed: int,
@@ -265,7 +283,7 @@ def check_import(victim: Victim, domains: list[AttackDomain]) -> dict:
             worst = max(worst, float(np.abs(ref - got).max()))
             scale = max(scale, float(np.abs(ref).max()))
             n += len(x)
-    if worst > IMPORT_TOLERANCE * scale:
+    if not worst <= IMPORT_TOLERANCE * scale:    # NaN fails too
         raise UserError(f"the {victim.label}'s graph imported into torch differs from onnxruntime by {worst:.2e} "
                         f"(tolerance {IMPORT_TOLERANCE * scale:.1e}); attack figures would not describe it")
     return {"max_abs_logit_diff": worst, "rows": n, "tolerance": IMPORT_TOLERANCE * scale}
@@ -288,16 +306,16 @@ def run_attacks(req: AttackRequest, victims: list[Victim], domains: list[AttackD
         rows.append(row)
         if progress:
             a = row["artifact"]
-            ref = f", scratch {extra['scratch']:.1f} %" if "scratch" in extra else ""
-            orig = f" (original {row['original']['after']:.1f} %)" if "original" in row else ""
-            log(f"attack {attack} {row['budget']} ({k} rows) {d.name}: {a['before']:.1f} -> {a['after']:.1f} %"
+            ref = f", scratch {pct(extra['scratch'])}" if "scratch" in extra else ""
+            orig = f" (original {pct(row['original']['after'])})" if "original" in row else ""
+            log(f"attack {attack} {row['budget']} ({k} rows) {d.name}: {a['before']:.1f} -> {pct(a['after'])}"
                 f"{orig}{ref}")
 
     before = {v.label: {d.name: accuracy(run_logits(v.sess, d.rows.x), d.rows.labels) for d in domains}
               for v in victims}
     for bi, fraction in enumerate(req.budgets):
         for di, d in enumerate(unauth):
-            seed = s.seed * 1000 + bi * 100 + di
+            seed = run_seed(s.seed, bi, di)
             picked = attacker_rows(d, fraction, num_classes, seed)
             k = len(picked)
             if "remap" in req.attacks:
@@ -313,8 +331,9 @@ def run_attacks(req: AttackRequest, victims: list[Victim], domains: list[AttackD
                     per[v.label] = {"after": acc[d.name], **({"authorized_after": acc[auth[0].name]} if auth else {})}
                 scratch_net = reinitialise(victims[0].fresh(), seed)
                 scratch = run_finetune(victims[0], scratch_net, d, picked, s, seed, [d])[d.name]
+                ok = per["artifact"]["after"] is not None and scratch is not None
                 add("target-finetune", fraction, k, d, "labelled unauthorized", per, before, scratch=scratch,
-                    gain=per["artifact"]["after"] - scratch)
+                    gain=per["artifact"]["after"] - scratch if ok else None)
             if "input-disguise" in req.attacks:
                 per = {v.label: {"after": run_disguise(v, d, picked, s, seed)} for v in victims}
                 add("input-disguise", fraction, k, d, "labelled unauthorized", per, before)
@@ -326,7 +345,7 @@ def run_attacks(req: AttackRequest, victims: list[Victim], domains: list[AttackD
                 add("self-training", fraction, k, d, "unlabelled unauthorized", per, before)
         if "source-finetune" in req.attacks and auth:
             a = auth[0]
-            seed = s.seed * 1000 + bi * 100 + 99
+            seed = run_seed(s.seed, bi, len(unauth))
             picked = attacker_rows(a, fraction, num_classes, seed)
             results = {v.label: run_finetune(v, v.fresh(), a, picked, s, seed, domains) for v in victims}
             scratch = run_finetune(victims[0], reinitialise(victims[0].fresh(), seed), a, picked, s, seed, domains)
@@ -337,25 +356,34 @@ def run_attacks(req: AttackRequest, victims: list[Victim], domains: list[AttackD
     return rows
 
 
-def worst_cases(rows: list[dict], domains: list[AttackDomain]) -> dict:
-    """Per unauthorized domain: the best accuracy any non-finetune attack reaches on the artifact, and the largest
-    target-finetune gain over scratch."""
+def worst_cases(rows: list[dict], before: dict[str, float]) -> dict:
+    """Per unauthorized domain: the best accuracy the holder of the artifact gets without fine-tuning on the
+    domain's labels, the unattacked artifact included (an attack never makes it lower), and the largest
+    target-finetune gain over scratch. A diverged attack (non-finite logits) leaves its figure unmeasured."""
     out = {}
-    for d in (d for d in domains if d.role == "unauthorized"):
-        mine = [r for r in rows if r["domain"] == d.name]
+    for name, acc in before.items():
+        mine = [r for r in rows if r["domain"] == name]
         attacked = [r for r in mine if r["attack"] != "target-finetune"]
         ft = [r for r in mine if r["attack"] == "target-finetune"]
-        entry = {"before": mine[0]["artifact"]["before"] if mine else None}
-        if attacked:
+        entry = {"before": acc}
+        diverged = [f"{r['attack']} {r['budget']}" for r in mine if r["artifact"]["after"] is None]
+        if diverged:
+            entry["diverged"] = diverged
+        if attacked and not any(r["artifact"]["after"] is None for r in attacked):
             top = max(attacked, key=lambda r: r["artifact"]["after"])
-            entry.update(attacked_acc=top["artifact"]["after"], attack=top["attack"], budget=top["budget"])
-            if "original" in top:
-                entry["original_attacked_acc"] = max(r["original"]["after"] for r in attacked)
-        if ft:
+            if top["artifact"]["after"] >= acc:
+                entry.update(attacked_acc=top["artifact"]["after"], attack=top["attack"], budget=top["budget"])
+            else:
+                entry.update(attacked_acc=acc, attack="none (no attack beat the artifact as shipped)",
+                             budget="-")
+            originals = [r["original"]["after"] for r in attacked if "original" in r]
+            if originals and None not in originals:
+                entry["original_attacked_acc"] = max(originals)
+        if ft and not any(r.get("gain") is None for r in ft):
             top = max(ft, key=lambda r: r["gain"])
             entry.update(finetune_gain=top["gain"], finetune_budget=top["budget"],
                          finetune_acc=top["artifact"]["after"], scratch_acc=top["scratch"])
-        out[d.name] = entry
+        out[name] = entry
     return out
 
 
@@ -363,8 +391,9 @@ def evaluate_attack_gates(g: AttackGates, worst: dict) -> list[dict]:
     from .gates import _gate
     out = []
     for name, key, limit, missing in (
-            ("max_attacked_acc", "attacked_acc", g.max_attacked_acc, "no attack other than target-finetune ran"),
-            ("max_finetune_gain", "finetune_gain", g.max_finetune_gain, "target-finetune did not run")):
+            ("max_attacked_acc", "attacked_acc", g.max_attacked_acc,
+             "no attack other than target-finetune ran, or one diverged"),
+            ("max_finetune_gain", "finetune_gain", g.max_finetune_gain, "target-finetune did not run, or diverged")):
         if limit is None:
             continue
         if not worst:
@@ -388,11 +417,19 @@ def attack(req: AttackRequest, progress: bool = True) -> dict:
     num_classes = int(out_dim) if isinstance(out_dim, int) else None
     domains = attack_domains(req, pre, num_classes)
     num_classes = num_classes or int(max(int(d.train_y.max()) for d in domains) + 1)
-    victims = [Victim("artifact", model, s_prot)]
+    check_classifier(s_prot, req.artifact)
+    victims = [Victim("artifact", model, s_prot, req.provider)]
     baseline = None
     if req.baseline:
         base_model, base_format = baseline_model(req.baseline, pre, req.arch, req.trust_pickle)
-        victims.append(Victim("original", base_model, session(base_model, req.provider)))
+        s_base = session(base_model, req.provider, source=str(req.baseline))
+        check_classifier(s_base, req.baseline)
+        if s_base.get_inputs()[0].shape[1:] != s_prot.get_inputs()[0].shape[1:] or \
+                s_base.get_outputs()[0].shape[-1] != s_prot.get_outputs()[0].shape[-1]:
+            raise UserError(f"{req.baseline}: the baseline takes {s_base.get_inputs()[0].shape} and gives "
+                            f"{s_base.get_outputs()[0].shape}, the artifact {s_prot.get_inputs()[0].shape} and "
+                            f"{s_prot.get_outputs()[0].shape}; pass the model the artifact was compiled from")
+        victims.append(Victim("original", base_model, s_base, req.provider))
         baseline = {"path": str(req.baseline), "sha256": sha256_file(req.baseline), "format": base_format}
     t_load = time.perf_counter() - t_all
 
@@ -403,7 +440,8 @@ def attack(req: AttackRequest, progress: bool = True) -> dict:
     torch.manual_seed(req.settings.seed)
     rows = run_attacks(req, victims, domains, num_classes, progress)
     t_attacks = time.perf_counter() - t0
-    worst = worst_cases(rows, domains)
+    worst = worst_cases(rows, {n: e["protected_acc"] for n, e in measurement.domains.items()
+                               if e["role"] == "unauthorized"})
     gates = evaluate_attack_gates(req.gates, worst)
     report = report_header("attack", s_prot.get_providers(), pre, measurement, gates) | {
         "artifact": {"path": str(req.artifact), "sha256": sha256_file(req.artifact)},
@@ -420,6 +458,14 @@ def attack(req: AttackRequest, progress: bool = True) -> dict:
     report["max_attacked_acc"] = max(attacked) if attacked else None
     report["_examples"] = measurement.examples
     return report
+
+
+def check_classifier(sess, path: str) -> None:
+    """One input, and a first output of shape (batch, classes)."""
+    ins, out = sess.get_inputs(), sess.get_outputs()[0]
+    if len(ins) != 1 or len(out.shape) != 2:
+        raise UserError(f"{path}: mapc attacks classifiers with one input and (batch, classes) logits; this model has "
+                        f"{len(ins)} inputs and output shape {out.shape}")
 
 
 def validate_request(req: AttackRequest) -> None:
@@ -439,5 +485,6 @@ def validate_request(req: AttackRequest) -> None:
     for b in req.budgets:
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or not 0 < b <= 1:
             raise UserError(f"--budget {b!r}: give a fraction of the train rows in (0, 1], e.g. 0.01 or 0.1")
-    if len(set(req.budgets)) != len(req.budgets):
-        raise UserError(f"--budget given twice: {sorted(req.budgets)}")
+    labels = [budget_label(b) for b in req.budgets]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--budget given twice (as {', '.join(labels)}); give distinct fractions")

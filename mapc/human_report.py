@@ -102,14 +102,16 @@ def attack_rows(report: dict) -> list[tuple[str, ...]]:
     for r in report.get("attacks", []):
         a, o = r["artifact"], r.get("original")
         detail = []
+        if a["after"] is None:
+            detail.append("diverged: non-finite logits")
         if "linear_probe" in a:
             detail.append(f"probe {a['linear_probe']:.1f} / relabel {a['relabel']:.1f}")
         if "authorized_after" in a:
             detail.append(f"authorized after {a['authorized_after']:.1f} %")
-        if "gain" in r:
+        if r.get("gain") is not None:
             detail.append(f"gain over scratch {r['gain']:+.1f}")
         out.append((r["attack"], r["budget"], str(r["k"]), r["domain"], r["data"], f"{a['before']:.1f} %",
-                    f"{a['after']:.1f} %", "-" if o is None else f"{o['after']:.1f} %",
+                    _fmt(a["after"], ".1f", " %"), "-" if o is None else _fmt(o["after"], ".1f", " %"),
                     _fmt(r.get("scratch"), ".1f", " %"), "; ".join(detail) or "-"))
     return out
 

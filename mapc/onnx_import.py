@@ -30,6 +30,9 @@ from onnx import numpy_helper
 from .errors import UserError
 
 
+MIN_OPSET = 13
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
@@ -149,16 +152,15 @@ def _reduce(fn):
 def _layer_norm(node, a, x, scale, bias=None):
     axis = a.get("axis", -1) % x.dim()
     shape = list(x.shape[axis:])
-    return F.layer_norm(x, shape, scale.expand(shape) if scale.dim() else None,
-                        None if bias is None else bias.expand(shape), eps=a.get("epsilon", 1e-5))
+    return F.layer_norm(x, shape, scale.expand(shape), None if bias is None else bias.expand(shape),
+                        eps=a.get("epsilon", 1e-5))
 
 
 def _split(node, a, x, split=None):
     axis = a.get("axis", 0)
     sizes = _ints(split) if split is not None else list(a.get("split", []))
-    if not sizes:
-        n = len(node.output)
-        sizes = [math.ceil(x.shape[axis] / n)] * n
+    if not sizes:   # equal chunks, the last one smaller when the axis does not divide
+        return tuple(torch.split(x, math.ceil(x.shape[axis] / len(node.output)), dim=axis))
     return tuple(torch.split(x, sizes, dim=axis))
 
 
@@ -215,7 +217,7 @@ OPS = {
     "Gelu": _gelu, "Sqrt": _unary(torch.sqrt), "Exp": _unary(torch.exp), "Neg": _unary(torch.neg),
     "Reciprocal": _unary(torch.reciprocal), "Identity": _unary(lambda x: x),
     "LeakyRelu": lambda node, a, x: F.leaky_relu(x, a.get("alpha", 0.01)),
-    "Clip": lambda node, a, x, lo=None, hi=None: torch.clamp(x, lo, hi),
+    "Clip": lambda node, a, x, lo=None, hi=None: x if lo is None and hi is None else torch.clamp(x, lo, hi),
     "HardSigmoid": lambda node, a, x: torch.clamp(a.get("alpha", 0.2) * x + a.get("beta", 0.5), 0, 1),
     "HardSwish": _unary(F.hardswish),
     "Softmax": lambda node, a, x: torch.softmax(x, dim=a.get("axis", -1)),
@@ -258,6 +260,11 @@ class OnnxModule(nn.Module):
     def __init__(self, model: onnx.ModelProto, source: str = "artifact"):
         super().__init__()
         g = model.graph
+        self.source = source
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < MIN_OPSET:
+            raise UserError(f"{source}: ONNX opset {opset}; the attack importer follows opset {MIN_OPSET} and later "
+                            f"(Softmax, Clip, Slice and Split changed meaning before it); re-export the model")
         initializer_names = {t.name for t in g.initializer}
         self.input_name = next(i.name for i in g.input if i.name not in initializer_names)
         self.output_name = g.output[0].name
@@ -266,7 +273,7 @@ class OnnxModule(nn.Module):
         self.fixed: dict[str, torch.Tensor] = {}   # integer initializers and Constant outputs
         for t in g.initializer:
             a = numpy_helper.to_array(t)
-            if np.issubdtype(a.dtype, np.floating):
+            if np.issubdtype(a.dtype, np.floating) and a.ndim > 0:   # scalars (eps, temperature) stay fixed
                 key = parameter_key(t.name)
                 self.params[key] = nn.Parameter(torch.from_numpy(a.astype(np.float32, copy=True)))
                 self.names[key] = t.name
@@ -297,10 +304,19 @@ class OnnxModule(nn.Module):
             env[self.names[key]] = p
         env[self.input_name] = x
         for node, a in self.nodes:
-            args = [env[i] if i else None for i in node.input]
-            while args and args[-1] is None:
-                args.pop()
-            out = OPS[node.op_type](node, a, *args)
+            try:
+                args = [env[i] if i else None for i in node.input]
+                while args and args[-1] is None:
+                    args.pop()
+                out = OPS[node.op_type](node, a, *args)
+            except UserError:
+                raise
+            except KeyError as e:
+                raise UserError(f"{self.source}: node {node.name!r} ({node.op_type}) reads {e.args[0]!r} before any "
+                                f"node computes it; the graph is not topologically sorted") from None
+            except Exception as e:
+                raise UserError(f"{self.source}: node {node.name!r} ({node.op_type}) cannot run in the attack importer "
+                                f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
             if isinstance(out, tuple):
                 env.update(zip(node.output, out))
             else:

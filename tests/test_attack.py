@@ -197,6 +197,29 @@ def test_gates_fail_with_exit_1_and_fail_closed(toy):
     assert r.exit_code == 1 and "not measured" in r.output
 
 
+def test_attacked_accuracy_is_never_below_the_artifact_as_shipped(toy):
+    """An attack that does worse than the shipped artifact does not lower the gated figure (the holder just
+    uses the artifact as it is)."""
+    base = [toy["good"], "--unauthorized", f"dim={toy['dim']}", "--attack", "remap", "--budget", "0.05", *PRE_FLAGS]
+    r = cli(*base, "--json", "-q")
+    report = json.loads(r.output.splitlines()[0])
+    w = report["worst"]["dim"]
+    assert w["attacked_acc"] >= w["before"]
+    r = cli(*base, "--max-attacked-acc", f"{w['before'] - 1:.1f}", "-q")
+    assert r.exit_code == 1, r.output
+
+
+def test_a_diverged_attack_leaves_the_gate_unmeasured_and_failing():
+    from mapc.attack import AttackGates, evaluate_attack_gates, worst_cases
+    rows = [{"attack": "input-disguise", "budget": "1%", "domain": "u", "artifact": {"before": 10.0, "after": None}},
+            {"attack": "target-finetune", "budget": "1%", "domain": "u", "artifact": {"before": 10.0, "after": None},
+             "scratch": None, "gain": None}]
+    worst = worst_cases(rows, {"u": 10.0})
+    assert "attacked_acc" not in worst["u"] and worst["u"]["diverged"]
+    gates = evaluate_attack_gates(AttackGates(max_attacked_acc=50, max_finetune_gain=5), worst)
+    assert [g["passed"] for g in gates] == [False, False] and all(g["value"] is None for g in gates)
+
+
 @pytest.mark.parametrize("args,message", [
     (["missing.onnx", "--unauthorized", "x={inv}"], "no such artifact"),
     (["{good}"], "--unauthorized"),
@@ -211,12 +234,33 @@ def test_gates_fail_with_exit_1_and_fail_closed(toy):
     (["{good}", "--unauthorized", "x={nosplit}"], "split"),
     (["{good}", "--unauthorized", "x={inv}", "--baseline", "{garbage}"], "baseline"),
     (["{garbage}", "--unauthorized", "x={inv}"], "not a readable ONNX model"),
+    (["{good}", "--unauthorized", "x={inv}", "--seed", "-1"], "--seed"),
+    (["{good}", "--unauthorized", "x={inv}", "--budget", "0.01", "--budget", "0.0100000001"], "twice"),
+    (["{good}", "--unauthorized", "x={inv}", "--baseline", "{five}"], "compiled from"),
+    (["{two_inputs}", "--unauthorized", "x={inv}"], "one input"),
+    (["{unsorted}", "--unauthorized", "x={inv}"], "topologically sorted"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, toy, args, message):
     z = dict(np.load(toy["mnist"]))
     np.savez(tmp_path / "nosplit.npz", images=z["images"], labels=z["labels"])
     (tmp_path / "garbage.onnx").write_bytes(b"not a model")
-    paths = {k: str(v) for k, v in toy.items()} | {"nosplit": str(tmp_path / "nosplit.npz"),
+    from onnx import TensorProto, helper
+    from tests.tiny_models import PlainNet
+    onnx.save(export_onnx(PlainNet(num_classes=5).eval(), "export", (3, 16, 16))[0], tmp_path / "five.onnx")
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 16, 16])
+    z_info = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 768])
+    g = helper.make_graph([helper.make_node("Add", ["x", "y"], ["s"]), helper.make_node("Flatten", ["s"], ["z"])],
+                          "two", [x_info, y_info], [z_info])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "two_inputs.onnx")
+    good = onnx.load(str(toy["good"]))
+    nodes = list(good.graph.node)
+    del good.graph.node[:]
+    good.graph.node.extend(nodes[::-1])
+    onnx.save(good, tmp_path / "unsorted.onnx")
+    paths = {k: str(v) for k, v in toy.items()} | {n: str(tmp_path / f"{n}.onnx") for n in
+                                                   ("five", "two_inputs", "unsorted")} | {
+                                                   "nosplit": str(tmp_path / "nosplit.npz"),
                                                    "garbage": str(tmp_path / "garbage.onnx"), "inv": str(toy["inverted"])}
     r = CliRunner().invoke(main, ["attack", *[a.format(**paths) for a in args], *PRE_FLAGS, "--steps", "2", "-q"])
     assert r.exit_code == 2, r.output
