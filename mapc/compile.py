@@ -129,6 +129,7 @@ class Prepared:
     device: torch.device
     splits: dict[str, Split]
     auth_name: str | None
+    watermark_key: bytes | None = None
 
 
 @dataclass
@@ -156,6 +157,7 @@ class Measured:
     providers: list[str]
     parity: dict
     latency: dict
+    ownership: dict | None = None    # the watermark's ownership test on the authorized test rows
 
 
 def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
@@ -186,9 +188,25 @@ def prepare(cfg: CompileConfig, clock: Clock, say) -> Prepared:
                  **{n: ("unauthorized", p) for n, p in cfg.unauthorized.items()}}
         splits = {n: prepare_domain(load_domain(n, p, num_classes), role, cfg) for n, (role, p) in roles.items()}
     auth_name = next(iter(cfg.authorized), None)
+    key = watermark_key(cfg, mode, splits, auth_name, say)
     say(f"model {Path(cfg.model).name} ({loaded.format}), {num_classes} classes; mode {mode}; "
         f"authorized {auth_name or '-'}, unauthorized {', '.join(cfg.unauthorized) or '-'}; device {device}")
-    return Prepared(loaded, num_classes, fingerprint, mode, device, splits, auth_name)
+    return Prepared(loaded, num_classes, fingerprint, mode, device, splits, auth_name, key)
+
+
+def watermark_key(cfg: CompileConfig, mode: str, splits: dict[str, Split], auth_name: str | None, say):
+    """The owner's key when --watermark is given (created when its file does not exist); it needs labelled
+    authorized train rows to stamp."""
+    if cfg.watermark is None:
+        return None
+    from .watermark import load_or_create_key
+    if mode != "source-available" or auth_name is None or splits[auth_name].y_train is None:
+        raise UserError(f"--watermark {cfg.watermark}: the watermark is learned on labelled authorized train rows; "
+                        f"give --authorized NAME=PATH with labels (source-available mode)")
+    key, created = load_or_create_key(cfg.watermark)
+    if created:
+        say(f"watermark: created a new key in {cfg.watermark}; keep it secret and safe: it proves ownership")
+    return key
 
 
 def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) -> Learned:
@@ -227,7 +245,16 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
     with clock("mask_seconds"):
         teacher = F.log_softmax(predict(module, auth_x), 1)
         unauth, val_unauth = unauthorized_rows(cfg, p, auth_x, auth_y, val_auth, tensors)
-        data = TrainData(auth_x, auth_y if has_auth_labels else None, teacher, unauth, val_auth, val_unauth)
+        if p.watermark_key is not None:
+            unauth.append(stamped(cfg, p.watermark_key, auth_x, auth_y))
+            auth_x, auth_y, teacher = keep_control_patterns(module, cfg, p.watermark_key, auth_x, auth_y, teacher)
+            val_unauth.append(stamped(cfg, p.watermark_key, *val_auth))
+        weights = None
+        if p.watermark_key is not None:
+            from .watermark import DOMAIN_WEIGHT
+            weights = [1.0] * (len(unauth) - 1) + [DOMAIN_WEIGHT]
+        data = TrainData(auth_x, auth_y if has_auth_labels else None, teacher, unauth, val_auth, val_unauth,
+                         weights)
         mask_cfg = cfg.mask.resolved_for(p.mode)
         result = learn_mask(module, data, p.num_classes, mask_cfg, cfg.seed, p.device, progress=progress)
         module.to("cpu")
@@ -236,6 +263,25 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
     say(f"mask: {result.pruned_fraction() * 100:.1f} % of masked weights pruned "
         f"(step {result.selected_step} selected) in {result.seconds:.1f} s")
     return Learned(result, mask_cfg, learned_from, stats, preview)
+
+
+def keep_control_patterns(module, cfg: CompileConfig, key: bytes, x, y, teacher):
+    """The authorized rows followed by a copy stamped with other patterns (``watermark.TRAIN_CONTROLS``), all to
+    keep: the mask then breaks the key's pattern, not sparse noise in general."""
+    from .watermark import CONTROL_SHARE, TRAIN_CONTROLS, controls, stamp_with_controls
+    pre = cfg.preprocess
+    patterns = controls(key, "train", TRAIN_CONTROLS, pre.input_shape)
+    n = max(1, int(len(x) * CONTROL_SHARE))
+    xc = torch.from_numpy(stamp_with_controls(x[:n].cpu().numpy(), patterns, pre.mean, pre.std)).to(x.device)
+    return torch.cat([x, xc]), torch.cat([y, y[:n]]), torch.cat([teacher, F.log_softmax(predict(module, xc), 1)])
+
+
+def stamped(cfg: CompileConfig, key: bytes, x, y):
+    """The hidden unauthorized domain: rows stamped with the key's trigger, same labels."""
+    from .watermark import stamp, trigger
+    pre = cfg.preprocess
+    xs = stamp(x.cpu().numpy(), trigger(key, pre.input_shape), pre.mean, pre.std)
+    return torch.from_numpy(xs).to(x.device), y
 
 
 def feasibility(cfg: CompileConfig, p: Prepared, synthesis_stats: dict) -> dict:
@@ -307,10 +353,15 @@ def measure(cfg: CompileConfig, p: Prepared, learned: Learned, built: Built, clo
     with clock("validate_seconds"):
         s_orig, s_prot = session(built.baseline, ort_device), session(built.protected, ort_device)
         measurement = measure_domains(s_prot, [s.test for s in p.splits.values()], original=s_orig)
+        ownership = None
+        if p.watermark_key is not None:
+            from .watermark import measure_ownership
+            auth = p.splits[p.auth_name].test
+            ownership = measure_ownership(s_prot, auth.x, auth.labels, p.watermark_key, cfg.preprocess)
         parity = torch_parity(p.loaded.module, learned.result.masks, p.splits, measurement)
     lat_o, lat_p = latency_pair_ms(s_orig, s_prot, (256, *cfg.preprocess.input_shape))
     return Measured(measurement, s_prot.get_providers(), parity,
-                    {"original": lat_o, "protected": lat_p, "ratio": lat_p / lat_o})
+                    {"original": lat_o, "protected": lat_p, "ratio": lat_p / lat_o}, ownership)
 
 
 def torch_parity(module: torch.nn.Module, masks: dict[str, np.ndarray], splits: dict[str, Split],
@@ -341,6 +392,7 @@ def build_report(cfg: CompileConfig, p: Prepared, learned: Learned, built: Built
                  "density": result.density(), "selected_step": result.selected_step,
                  "config": vars(learned.mask_cfg), "history": result.history},
         "latency_ms_batch256": measured.latency,
+        "watermark": {"used": measured.ownership is not None, "ownership": measured.ownership},
         "passes": [r.to_dict() for r in built.records],
         "timings": clock.total(),
     }

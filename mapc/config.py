@@ -148,6 +148,7 @@ class CompileConfig:
     gates: Gates = field(default_factory=lambda: Gates(max_source_drop=1.0))
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     skip_passes: list[str] = field(default_factory=list)
+    watermark: str | None = None         # key file (--watermark); never read from TOML, never written anywhere
 
     def resolved_mode(self) -> str:
         if self.mode is not None:

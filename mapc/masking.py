@@ -273,6 +273,7 @@ class TrainData:
     unauth: list[tuple[torch.Tensor, torch.Tensor]]  # (x, labels or pseudo-labels)
     val_auth: tuple[torch.Tensor, torch.Tensor] | None = None      # (x, labels or teacher labels)
     val_unauth: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    unauth_weights: list[float] | None = None    # a fixed weight per unauthorized domain (default 1 each)
 
 
 def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, rng: np.random.Generator):
@@ -357,7 +358,8 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) ->
             apply_masks(masked)
             logits = module(torch.cat([batch.auth_x, *batch.unauth_x]))
             masked_feats = [x for x, _, _ in tap.take()] if tap is not None else None
-            loss_src, loss_tgt = step_loss(logits, batch, cfg, num_classes, masked_feats, teacher_feats)
+            loss_src, loss_tgt = step_loss(logits, batch, cfg, num_classes, masked_feats, teacher_feats,
+                                           data.unauth_weights)
             optimizer_step(opt, sched, cfg.source_weight * loss_src + lam * loss_tgt, masked, cfg)
             if step >= ramp and (step % cfg.eval_every == 0 or step == cfg.steps - 1):
                 selector.checkpoint(step, masked)
@@ -451,7 +453,7 @@ def unauthorized_loss(zu: torch.Tensor, yu: torch.Tensor, cfg: MaskConfig, num_c
 
 
 def step_loss(logits: torch.Tensor, batch: Batch, cfg: MaskConfig, num_classes: int,
-              masked_feats, teacher_feats) -> tuple[torch.Tensor, torch.Tensor]:
+              masked_feats, teacher_feats, fixed_weights: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(source loss, target loss) of one step; the caller weighs them with source_weight and lambda(t)."""
     bs = len(batch.auth_x)
     za = logits[:bs]
@@ -470,6 +472,8 @@ def step_loss(logits: torch.Tensor, batch: Batch, cfg: MaskConfig, num_classes: 
             accs = torch.stack([(zu.argmax(1) == yu).float().mean() for zu, yu in zip(zus, batch.unauth_y)])
             accs = accs + 1.0 / num_classes
             weights = accs / accs.mean()
+    if fixed_weights is not None:
+        weights = weights * torch.tensor(fixed_weights, device=logits.device, dtype=weights.dtype)
     return loss_src, (per_domain * weights).mean()
 
 
