@@ -91,6 +91,7 @@ class AttackRequest:
     preprocess: Preprocess | None = None
     arch: str | None = None
     trust_pickle: bool = False
+    ownership_key: str | None = None    # KEYFILE: test every attacked copy of the artifact for the watermark
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Victim:
     model: onnx.ModelProto
     sess: object
     provider: str = "cpu"
+    owner: "Owner | None" = None    # the artifact's watermark test, with --ownership
 
     def fresh(self) -> OnnxModule:
         return import_onnx(self.model, self.label)
@@ -118,7 +120,27 @@ class Victim:
         """Top-1 of trained weights on each domain's test rows, by onnxruntime over the written-back graph;
         None where the attacked model's logits are not finite (the attack diverged)."""
         s = session(write_back(self.model, net), self.provider)
-        return {d.name: finite_accuracy(run_logits(s, d.rows.x), d.rows.labels) for d in domains}
+        out = {d.name: finite_accuracy(run_logits(s, d.rows.x), d.rows.labels) for d in domains}
+        if self.owner is not None:
+            out[OWNERSHIP] = self.owner.test(lambda x: run_logits(s, x))
+        return out
+
+
+@dataclass
+class Owner:
+    """The owner's key and labelled authorized test rows: is an attacked copy still provably the owner's?"""
+    key: bytes
+    x: np.ndarray
+    labels: np.ndarray
+    pre: Preprocess
+
+    def test(self, logits) -> dict:
+        from .watermark import measure_ownership
+        o = measure_ownership(logits, self.x, self.labels, self.key, self.pre)
+        return {k: o[k] for k in ("owned", "p_value", "log10_p", "key_acc", "control_acc", "clean_acc")}
+
+
+OWNERSHIP = "_ownership"
 
 
 def finite_accuracy(logits: np.ndarray, labels: np.ndarray) -> float | None:
@@ -227,7 +249,7 @@ def run_finetune(victim: Victim, net: OnnxModule, d: AttackDomain, rows: np.ndar
     return victim.accuracy_of(net, measured)
 
 
-def run_disguise(victim: Victim, d: AttackDomain, rows: np.ndarray, s: AttackSettings, seed: int) -> float | None:
+def run_disguise(victim: Victim, d: AttackDomain, rows: np.ndarray, s: AttackSettings, seed: int) -> dict:
     net = victim.fresh()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -236,9 +258,14 @@ def run_disguise(victim: Victim, d: AttackDomain, rows: np.ndarray, s: AttackSet
     x, y = _tensor(d.train_x[rows]), torch.from_numpy(d.train_y[rows]).long()
     train_steps(list(t.parameters()), lambda idx: F.cross_entropy(net(t(x[idx])), y[idx]), len(rows),
                 s.disguise_lr, s, seed)
-    with torch.no_grad():
-        disguised = np.concatenate([t(_tensor(d.rows.x[i:i + 512])).numpy() for i in range(0, len(d.rows.x), 512)])
-    return finite_accuracy(run_logits(victim.sess, disguised.astype(np.float32)), d.rows.labels)
+    def through_disguise(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            moved = np.concatenate([t(_tensor(x[i:i + 512])).numpy() for i in range(0, len(x), 512)])
+        return run_logits(victim.sess, moved.astype(np.float32))
+    out = {"after": finite_accuracy(through_disguise(d.rows.x), d.rows.labels)}
+    if victim.owner is not None:       # the thief deploys transform + model; the owner queries that
+        out["ownership"] = victim.owner.test(through_disguise)
+    return out
 
 
 def run_selftraining(victim: Victim, d: AttackDomain, rows: np.ndarray, s: AttackSettings, seed: int,
@@ -328,20 +355,20 @@ def run_attacks(req: AttackRequest, victims: list[Victim], domains: list[AttackD
                 per = {}
                 for v in victims:
                     acc = run_finetune(v, v.fresh(), d, picked, s, seed, [d] + auth)
-                    per[v.label] = {"after": acc[d.name], **({"authorized_after": acc[auth[0].name]} if auth else {})}
+                    per[v.label] = attacked_entry(acc, d, auth)
                 scratch_net = reinitialise(victims[0].fresh(), seed)
                 scratch = run_finetune(victims[0], scratch_net, d, picked, s, seed, [d])[d.name]
                 ok = per["artifact"]["after"] is not None and scratch is not None
                 add("target-finetune", fraction, k, d, "labelled unauthorized", per, before, scratch=scratch,
                     gain=per["artifact"]["after"] - scratch if ok else None)
             if "input-disguise" in req.attacks:
-                per = {v.label: {"after": run_disguise(v, d, picked, s, seed)} for v in victims}
+                per = {v.label: run_disguise(v, d, picked, s, seed) for v in victims}
                 add("input-disguise", fraction, k, d, "labelled unauthorized", per, before)
             if "self-training" in req.attacks:
                 per = {}
                 for v in victims:
                     acc = run_selftraining(v, d, picked, s, seed, [d] + auth)
-                    per[v.label] = {"after": acc[d.name], **({"authorized_after": acc[auth[0].name]} if auth else {})}
+                    per[v.label] = attacked_entry(acc, d, auth)
                 add("self-training", fraction, k, d, "unlabelled unauthorized", per, before)
         if "source-finetune" in req.attacks and auth:
             a = auth[0]
@@ -350,10 +377,20 @@ def run_attacks(req: AttackRequest, victims: list[Victim], domains: list[AttackD
             results = {v.label: run_finetune(v, v.fresh(), a, picked, s, seed, domains) for v in victims}
             scratch = run_finetune(victims[0], reinitialise(victims[0].fresh(), seed), a, picked, s, seed, domains)
             for d in unauth:
-                per = {label: {"after": acc[d.name], "authorized_after": acc[a.name]} for label, acc in results.items()}
+                per = {label: attacked_entry(acc, d, auth) for label, acc in results.items()}
                 add("source-finetune", fraction, len(picked), d, f"labelled authorized ({a.name})", per, before,
                     scratch=scratch[d.name])
     return rows
+
+
+def attacked_entry(acc: dict, d: AttackDomain, auth: list[AttackDomain]) -> dict:
+    """A victim's figures after a weight-changing attack: the domain, the authorized domain, ownership."""
+    entry = {"after": acc[d.name]}
+    if auth:
+        entry["authorized_after"] = acc[auth[0].name]
+    if OWNERSHIP in acc:
+        entry["ownership"] = acc[OWNERSHIP]
+    return entry
 
 
 def worst_cases(rows: list[dict], before: dict[str, float]) -> dict:
@@ -418,7 +455,7 @@ def attack(req: AttackRequest, progress: bool = True) -> dict:
     domains = attack_domains(req, pre, num_classes)
     num_classes = num_classes or int(max(int(d.train_y.max()) for d in domains) + 1)
     check_classifier(s_prot, req.artifact)
-    victims = [Victim("artifact", model, s_prot, req.provider)]
+    victims = [Victim("artifact", model, s_prot, req.provider, owner_of(req, domains, pre))]
     baseline = None
     if req.baseline:
         base_model, base_format = baseline_model(req.baseline, pre, req.arch, req.trust_pickle)
@@ -454,10 +491,33 @@ def attack(req: AttackRequest, progress: bool = True) -> dict:
         "timings": {"load_seconds": t_load, "attacks_seconds": t_attacks,
                     "total_seconds": time.perf_counter() - t_all},
     }
+    if victims[0].owner is not None:
+        report["ownership_after_attacks"] = ownership_summary(rows)
     attacked = [e["attacked_acc"] for e in worst.values() if e.get("attacked_acc") is not None]
     report["max_attacked_acc"] = max(attacked) if attacked else None
     report["_examples"] = measurement.examples
     return report
+
+
+def owner_of(req: AttackRequest, domains: list[AttackDomain], pre: Preprocess) -> Owner | None:
+    if req.ownership_key is None:
+        return None
+    from .watermark import read_key
+    key = read_key(req.ownership_key)
+    auth = [d for d in domains if d.role == "authorized"]
+    if not auth:
+        raise UserError("--ownership tests attacked copies on the owner's rows: give --authorized NAME=PATH")
+    return Owner(key, auth[0].rows.x, auth[0].rows.labels, pre)
+
+
+def ownership_summary(rows: list[dict]) -> dict:
+    """How many attacked copies of the artifact still test as owned, and the weakest one."""
+    tested = [(r, r["artifact"]["ownership"]) for r in rows if "ownership" in r["artifact"]]
+    out = {"attacked_copies": len(tested), "owned": sum(o["owned"] for _, o in tested)}
+    if tested:
+        r, o = max(tested, key=lambda t: t[1]["log10_p"])
+        out["weakest"] = {"attack": r["attack"], "budget": r["budget"], "domain": r["domain"], **o}
+    return out
 
 
 def check_classifier(sess, path: str) -> None:

@@ -317,6 +317,9 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
 @click.option("--steps", type=click.IntRange(1, 100000),
               help="Optimiser steps of every trained attack (the fixed step budget; default 200).")
 @click.option("--seed", type=click.IntRange(0, 2 ** 32 - 1), help="Seed for the attacker's rows and training (default 0).")
+@click.option("--ownership", "ownership_key", metavar="KEYFILE",
+              help="Also test every attacked copy of the artifact for the watermark of this key (`mapc compile "
+                   "--watermark`) on the --authorized rows: is a stolen, adapted copy still provably yours?")
 @click.option("--max-attacked-acc", type=float, metavar="PCT",
               help="Gate: on every unauthorized domain, no attack but target-finetune reaches more than PCT %.")
 @click.option("--max-finetune-gain", type=float, metavar="PTS",
@@ -333,7 +336,7 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (then the verdict line).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def attack_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle, attacks, budgets, steps, seed,
-               max_attacked_acc, max_finetune_gain, report_path, provider, input_size, channels, mean, std, as_json,
+               ownership_key, max_attacked_acc, max_finetune_gain, report_path, provider, input_size, channels, mean, std, as_json,
                quiet):
     """Attack ARTIFACT as someone who holds it would, and report what they recover.
 
@@ -387,7 +390,7 @@ def attack_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
                         unauthorized=parse_specs(unauthorized, "--unauthorized"), baseline=baseline,
                         attacks=chosen, budgets=tuple(budgets) if budgets else DEFAULT_BUDGETS, gates=gates,
                         settings=AttackSettings(**{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}), provider=provider, preprocess=pre,
-                        arch=arch, trust_pickle=trust_pickle)
+                        arch=arch, trust_pickle=trust_pickle, ownership_key=ownership_key)
     report = attack(req, progress=not quiet)
     examples = report.pop("_examples")
     line = verdict(report)

@@ -32,7 +32,7 @@ from .atomic import can_create, foreign_entries, nearest_existing, staged_dir
 from .config import CompileConfig, MaskConfig
 from .datasets import Domain, load_domain
 from .errors import UserError
-from .evaluate import latency_pair_ms, session
+from .evaluate import run_logits, latency_pair_ms, session
 from .export import export_onnx
 from .gates import evaluate_gates
 from .masking import MaskResult, TrainData, learn_mask, masked_forward, predict, split_validation
@@ -357,7 +357,8 @@ def measure(cfg: CompileConfig, p: Prepared, learned: Learned, built: Built, clo
         if p.watermark_key is not None:
             from .watermark import measure_ownership
             auth = p.splits[p.auth_name].test
-            ownership = measure_ownership(s_prot, auth.x, auth.labels, p.watermark_key, cfg.preprocess)
+            ownership = measure_ownership(lambda x: run_logits(s_prot, x), auth.x, auth.labels, p.watermark_key,
+                                          cfg.preprocess)
         parity = torch_parity(p.loaded.module, learned.result.masks, p.splits, measurement)
     lat_o, lat_p = latency_pair_ms(s_orig, s_prot, (256, *cfg.preprocess.input_shape))
     return Measured(measurement, s_prot.get_providers(), parity,

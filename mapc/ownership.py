@@ -14,7 +14,7 @@ import numpy as np
 
 from .datasets import load_domain
 from .errors import UserError
-from .evaluate import check_input_fits, session
+from .evaluate import check_input_fits, run_logits, session
 from .preprocess import Preprocess, apply
 
 
@@ -67,7 +67,7 @@ def ownership_report(req: OwnershipRequest, override) -> tuple[dict, str]:
         raise UserError(f"{path}: domain {name!r} has no test rows in 'split'")
     x = apply(pre, d.images[rows])
     check_input_fits(sess, x, f"{path} (domain {name!r}, suspect {req.suspect})")
-    o = measure_ownership(sess, x, d.labels[rows].astype(np.int64), key, pre)
+    o = measure_ownership(lambda rows_x: run_logits(sess, rows_x), x, d.labels[rows].astype(np.int64), key, pre)
     report = {"tool": tool_versions(), "command": "verify-ownership", "providers": sess.get_providers(),
               "suspect": {"path": str(p), "sha256": sha256_file(p), "format": fmt},
               "preprocess": pre.to_dict(),

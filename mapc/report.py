@@ -128,6 +128,12 @@ def table(report: dict) -> str:
         from .human_report import ATTACK_HEADER, WORST_HEADER, attack_rows, worst_rows
         lines += _aligned([ATTACK_HEADER[:-1]] + [r[:-1] for r in attack_rows(report)]) + [""]
         lines += _aligned([WORST_HEADER] + worst_rows(report)) + [""]
+        own = report.get("ownership_after_attacks")
+        if own:
+            w = own.get("weakest")
+            lines.append(f"ownership after attacks: {own['owned']} of {own['attacked_copies']} attacked copies test as "
+                         f"OWNED" + (f"; weakest: {w['attack']} {w['budget']} {w['domain']}, p={w['p_value']} "
+                                     f"(key {w['key_acc']:.1f} % vs control {w['control_acc']:.1f} %)" if w else ""))
         imp = report["importer"]
         lines.append("importer vs onnxruntime: " + ", ".join(
             f"{k} max |logit diff| {v['max_abs_logit_diff']:.1e} over {v['rows']} rows" for k, v in imp.items()))

@@ -142,14 +142,15 @@ def ownership_test(key_correct: np.ndarray, control_correct: np.ndarray) -> dict
             "owned": log10_p < math.log10(ALPHA), "alpha": ALPHA}
 
 
-def measure_ownership(sess, x: np.ndarray, labels: np.ndarray, key: bytes, pre) -> dict:
-    """Clean, key-stamped and control-stamped top-1 of an onnxruntime session on labelled normalised rows, and
-    the ownership test (compile and ``mapc verify --ownership`` alike)."""
-    from .evaluate import run_logits
+def measure_ownership(logits, x: np.ndarray, labels: np.ndarray, key: bytes, pre) -> dict:
+    """Clean, key-stamped and control-stamped top-1 of a model on labelled normalised rows, and the ownership
+    test (compile, ``mapc verify --ownership`` and ``mapc attack --ownership`` alike). ``logits(x)`` runs the
+    model: an onnxruntime session over the artifact or an attacked copy of it, or one behind an input
+    transform."""
     shape = tuple(x.shape[1:])
-    clean = run_logits(sess, x).argmax(1) == labels
-    keyed = run_logits(sess, stamp(x, trigger(key, shape), pre.mean, pre.std)).argmax(1) == labels
-    control = run_logits(sess, stamp_with_controls(x, controls(key, "verify", VERIFY_CONTROLS, shape),
-                                                   pre.mean, pre.std)).argmax(1) == labels
+    clean = logits(x).argmax(1) == labels
+    keyed = logits(stamp(x, trigger(key, shape), pre.mean, pre.std)).argmax(1) == labels
+    control = logits(stamp_with_controls(x, controls(key, "verify", VERIFY_CONTROLS, shape),
+                                         pre.mean, pre.std)).argmax(1) == labels
     return {"clean_acc": float(clean.mean() * 100), "key_acc": float(keyed.mean() * 100),
             "control_acc": float(control.mean() * 100), **ownership_test(keyed, control)}
