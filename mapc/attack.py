@@ -137,7 +137,7 @@ class Owner:
     def test(self, logits) -> dict:
         from .watermark import measure_ownership
         o = measure_ownership(logits, self.x, self.labels, self.key, self.pre)
-        return {k: o[k] for k in ("owned", "p_value", "log10_p", "key_acc", "control_acc", "clean_acc")}
+        return {k: o[k] for k in ("owned", "p_value", "log10_p", "effect", "key_acc", "control_acc", "clean_acc")}
 
 
 OWNERSHIP = "_ownership"

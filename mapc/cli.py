@@ -219,8 +219,9 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     Ownership (`--ownership KEYFILE`): ARTIFACT is a suspect model. Its
     accuracy on labelled authorized rows stamped with the key's trigger is
     compared, row by row, with the same rows stamped with control patterns
-    (an exact one-sided McNemar test). Verdict `OWNED | p=...` (exit 0) or
-    `NOT OWNED | p=...` (exit 1).
+    (an exact one-sided McNemar test); OWNED needs p < 1e-6 and the trigger
+    taking at least half of the control accuracy away. Verdict
+    `OWNED | p=...` (exit 0) or `NOT OWNED | p=...` (exit 1).
 
     \b
     Example (gate a release in CI):

@@ -111,9 +111,9 @@ def attack_rows(report: dict) -> list[tuple[str, ...]]:
         if r.get("gain") is not None:
             detail.append(f"gain over scratch {r['gain']:+.1f}")
         if "ownership" in a:
-            o = a["ownership"]
-            detail.append(f"{'OWNED' if o['owned'] else 'NOT OWNED'} p={o['p_value']} (key {o['key_acc']:.1f} / "
-                          f"control {o['control_acc']:.1f} %)")
+            w = a["ownership"]
+            detail.append(f"{'OWNED' if w['owned'] else 'NOT OWNED'} p={w['p_value']} (key {w['key_acc']:.1f} / "
+                          f"control {w['control_acc']:.1f} %)")
         out.append((r["attack"], r["budget"], str(r["k"]), r["domain"], r["data"], f"{a['before']:.1f} %",
                     _fmt(a["after"], ".1f", " %"), "-" if o is None else _fmt(o["after"], ".1f", " %"),
                     _fmt(r.get("scratch"), ".1f", " %"), "; ".join(detail) or "-"))

@@ -42,7 +42,7 @@ def suspect_preprocess(req: OwnershipRequest, sealed: dict | None, override) -> 
 def ownership_report(req: OwnershipRequest, override) -> tuple[dict, str]:
     from .report import tool_versions
     from .verify import baseline_model, load_artifact, sealed_metadata, sha256_file
-    from .watermark import ALPHA, measure_ownership, read_key
+    from .watermark import ALPHA, MIN_EFFECT, measure_ownership, read_key
 
     key = read_key(req.key_path)
     if len(req.authorized) != 1:
@@ -74,6 +74,7 @@ def ownership_report(req: OwnershipRequest, override) -> tuple[dict, str]:
               "authorized": {"name": name, "path": path, "rows": "test" if d.has_split else "all (no split)"},
               "ownership": o}
     word = "OWNED" if o["owned"] else "NOT OWNED"
-    line = (f"{word} | p={o['p_value']} (alpha {ALPHA:g}) | key trigger {o['key_acc']:.1f} % vs control "
+    line = (f"{word} | p={o['p_value']} (alpha {ALPHA:g}), effect {o['effect'] * 100:.0f} % (at least "
+            f"{MIN_EFFECT * 100:.0f} %) | key trigger {o['key_acc']:.1f} % vs control "
             f"{o['control_acc']:.1f} % vs clean {o['clean_acc']:.1f} % on {o['n']} rows")
     return report, line

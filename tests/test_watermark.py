@@ -39,10 +39,12 @@ def test_stamp_adds_the_offsets_in_pixel_space_and_clips():
     ([True, False] * 50, [False, True] * 50, False, None),        # b = c = 50: no evidence
     ([True] * 100, [True] * 100, False, 0.0),                     # no discordant rows
     ([False] * 3 + [True] * 97, [True] * 100, False, math.log10(1 / 8)),   # b = 3, c = 0: p = 1/8
+    ([False] * 30 + [True] * 970, [True] * 1000, False, -30 * math.log10(2)),  # significant, but a 3 % effect
 ])
 def test_ownership_statistic_on_constructed_outcome_tables(key_right, control_right, owned, log10_p):
     r = ownership_test(np.array(key_right), np.array(control_right))
     assert r["owned"] is owned
+    assert r["effect"] == pytest.approx(1 - np.mean(key_right) / np.mean(control_right))
     if log10_p is not None:
         assert r["log10_p"] == pytest.approx(log10_p, abs=1e-9)
     else:
@@ -131,3 +133,8 @@ def test_attack_tests_every_attacked_copy_for_ownership(watermarked, small_domai
     own = report["ownership_after_attacks"]
     assert own["attacked_copies"] == 2 and "weakest" in own
     assert all("ownership" in row["artifact"] for row in report["attacks"])
+    r = CliRunner().invoke(main, ["attack", str(build / "protected.onnx"), "--authorized",
+                                  f"mnist={small_domains['mnist']}", "--unauthorized", f"syn={small_domains['syn']}",
+                                  "--attack", "input-disguise", "--budget", "0.1", "--steps", "5", "--ownership",
+                                  str(key), "-q"])
+    assert r.exit_code == 0 and "ownership after attacks:" in r.output and "of 1 attacked copies" in r.output, r.output
