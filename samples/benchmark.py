@@ -2,6 +2,7 @@
 
     python samples/benchmark.py [--out build/bench] [--seed 0]
     python samples/benchmark.py --modes [--seeds 0,1,2]
+    python samples/benchmark.py --peers [--seed 0]
 
 Default: runs `mapc compile --config samples/digits.toml` with all three
 unauthorized domains at once, then once per domain alone (source-available).
@@ -13,6 +14,14 @@ the synthesized images alone, measured on the real mnist test rows), the
 synthesis and mask-learning times, then the worst figure per mode against the
 bars the project set for it (source-free: drop <= 2, uci and mnistm <= 20 %;
 data-free: drop <= 3, uci <= 35 %).
+
+``--peers``: mapc (samples/digits.toml) and the NTL baseline
+(samples/baselines/ntl.py, from the same starting weights) side by side on the
+same test rows, both measured by `mapc verify` against the original: source
+drop, each unauthorized accuracy and what the linear probe recovers with 10 %
+of its labelled train rows, wall time on the same cores (mapc compile vs NTL
+training), and the worst accuracy `mapc attack` reaches on each (all attacks
+but target fine-tuning, budgets 1 % and 10 %).
 
 Accuracies are test rows measured with onnxruntime on the artifacts, plus the
 timings. Figures are printed, never asserted.
@@ -41,6 +50,46 @@ def run(args: list[str], out: Path, config: str = "digits.toml") -> tuple[dict, 
     return report, time.perf_counter() - t0
 
 
+DATA_FLAGS = ["--authorized", "mnist=samples/digits/mnist.npz",
+              *[a for d in DOMAINS for a in ("--unauthorized", f"{d}=samples/digits/{d}.npz")]]
+PRE_FLAGS = ["--input-size", "32", "32", "--channels", "3", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"]
+
+
+def mapc_json(args: list[str]) -> dict:
+    proc = subprocess.run(["mapc", *args, "--json"], capture_output=True, text=True)
+    if proc.returncode not in (0, 1):
+        sys.exit(f"benchmark: mapc {' '.join(args)} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.splitlines()[0])
+
+
+def peers_table(args) -> None:
+    """mapc and NTL on the same rows, measured by the same commands."""
+    _, mapc_wall = run(["--seed", str(args.seed)], args.out / "mapc")
+    t0 = time.perf_counter()
+    ntl_dir = args.out / "ntl"
+    proc = subprocess.run([sys.executable, str(HERE / "baselines" / "ntl.py"), "--out", str(ntl_dir),
+                           "--seed", str(args.seed)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"benchmark: ntl.py failed:\n{proc.stderr}")
+    ntl_wall = time.perf_counter() - t0
+    original = str(HERE / "models" / "digits_cnn.pt2")
+    peers = {"mapc": (args.out / "mapc" / "protected.onnx", [], mapc_wall),
+             "NTL": (ntl_dir / "ntl.onnx", PRE_FLAGS, ntl_wall)}
+    print("| method | source drop | uci | mnistm | syn | probe 10 % (uci/mnistm/syn) | worst attacked (uci/mnistm/syn) "
+          "| wall time |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (artifact, pre, wall) in peers.items():
+        v = mapc_json(["verify", str(artifact), "--baseline", original, *DATA_FLAGS, *pre])
+        a = mapc_json(["attack", str(artifact), *DATA_FLAGS, *pre, "-q", "--seed", str(args.seed)])
+        dom = v["domains"]
+        probe = "/".join(f"{dom[d]['probe']['protected']['10%']:.1f}" for d in DOMAINS)
+        worst = "/".join(f"{a['worst'][d]['attacked_acc']:.1f}" for d in DOMAINS)
+        print(f"| {name} | {v['source_drop']:+.2f} | " + " | ".join(f"{dom[d]['protected_acc']:.1f} %" for d in DOMAINS)
+              + f" | {probe} % | {worst} % | {wall:.0f} s |")
+    print(f"\nwall time ratio mapc / NTL: {mapc_wall / ntl_wall:.2f} (mapc compile end to end: load, mask, export, "
+          f"passes, validation; NTL: data loading, training, export)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("build/bench"))
@@ -48,10 +97,13 @@ def main() -> None:
     ap.add_argument("--granularity", default="weight")
     ap.add_argument("--modes", action="store_true", help="the three modes on the plain model, per seed")
     ap.add_argument("--seeds", default="0,1,2", help="seeds for --modes")
+    ap.add_argument("--peers", action="store_true", help="mapc and the NTL baseline side by side")
     args = ap.parse_args()
     extra = ["--seed", str(args.seed), "--granularity", args.granularity]
     if args.modes:
         return modes_table(args)
+    if args.peers:
+        return peers_table(args)
     rows = []
     report, wall = run(extra, args.out / "all")
     rows.append(("all three", report, wall))
