@@ -231,8 +231,7 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     """
     from .datasets import parse_specs
     from .gates import validate_gates
-    from .verify import VerifyGates, VerifyRequest, sealed_metadata, load_artifact, verify
-    from .report import table, verdict, write_reports
+    from .verify import VerifyGates, VerifyRequest, verify
 
     if ownership_key:
         from .ownership import OwnershipRequest, ownership_report
@@ -268,16 +267,8 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     gates = VerifyGates(max_source_drop, max_target_acc, min_target_drop, max_probe_acc)
     validate_gates(gates)
     if report_path:
-        if not str(report_path).endswith(".json"):
-            raise UserError(f"--report {report_path}: give a .json path; report.md and report.html are written beside "
-                            f"it under the same stem")
         check_report_paths(report_path)
-    pre = None
-    if input_size or channels or mean or std:
-        from .preprocess import Preprocess, preprocess_from
-        meta = sealed_metadata(load_artifact(artifact)).get("mapc.preprocess", {})
-        pre = _override_preprocess(preprocess_from(meta, f"{artifact}: sealed mapc.preprocess") if meta
-                                   else Preprocess(), input_size, channels, mean, std)
+    pre = artifact_preprocess_override(artifact, input_size, channels, mean, std)
     req = VerifyRequest(artifact=artifact, authorized=parse_specs(authorized, "--authorized"),
                         unauthorized=parse_specs(unauthorized, "--unauthorized"), baseline=baseline,
                         gates=gates, provider=provider,
@@ -286,19 +277,7 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     if overlap:
         raise UserError(f"domain names used as both authorized and unauthorized: {sorted(overlap)}")
     report = verify(req)
-    examples = report.pop("_examples")
-    line = verdict(report)
-    if report_path:
-        try:
-            write_reports(report_path, report, line, examples)
-        except OSError as e:
-            raise UserError(f"{report_path}: cannot write the report ({e.strerror or e}); pick a writable --report")
-    if as_json:
-        click.echo(json.dumps(report, default=str))
-    else:
-        click.echo(table(report))
-    click.echo(line)
-    sys.exit(0 if report["passed"] else 1)
+    print_and_exit(report, report_path, as_json)
 
 
 @main.command("attack")
@@ -337,8 +316,8 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (then the verdict line).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def attack_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle, attacks, budgets, steps, seed,
-               ownership_key, max_attacked_acc, max_finetune_gain, report_path, provider, input_size, channels, mean, std, as_json,
-               quiet):
+               ownership_key, max_attacked_acc, max_finetune_gain, report_path, provider, input_size, channels, mean,
+               std, as_json, quiet):
     """Attack ARTIFACT as someone who holds it would, and report what they recover.
 
     The ONNX graph is imported back into torch (checked against onnxruntime
@@ -366,22 +345,12 @@ def attack_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     from .attack import ATTACKS, DEFAULT_BUDGETS, AttackGates, AttackRequest, AttackSettings, attack
     from .datasets import parse_specs
     from .gates import validate_gates
-    from .report import table, verdict, write_reports
-    from .verify import load_artifact, sealed_metadata
 
     gates = AttackGates(max_attacked_acc, max_finetune_gain)
     validate_gates(gates, names=("max_attacked_acc", "max_finetune_gain"))
     if report_path:
-        if not str(report_path).endswith(".json"):
-            raise UserError(f"--report {report_path}: give a .json path; report.md and report.html are written beside "
-                            f"it under the same stem")
         check_report_paths(report_path)
-    pre = None
-    if input_size or channels or mean or std:
-        from .preprocess import Preprocess, preprocess_from
-        meta = sealed_metadata(load_artifact(artifact)).get("mapc.preprocess", {})
-        pre = _override_preprocess(preprocess_from(meta, f"{artifact}: sealed mapc.preprocess") if meta
-                                   else Preprocess(), input_size, channels, mean, std)
+    pre = artifact_preprocess_override(artifact, input_size, channels, mean, std)
     chosen = tuple(dict.fromkeys(attacks)) if attacks else ATTACKS
     if not attacks and not authorized:
         chosen = tuple(a for a in ATTACKS if a != "source-finetune")
@@ -390,22 +359,11 @@ def attack_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     req = AttackRequest(artifact=artifact, authorized=parse_specs(authorized, "--authorized"),
                         unauthorized=parse_specs(unauthorized, "--unauthorized"), baseline=baseline,
                         attacks=chosen, budgets=tuple(budgets) if budgets else DEFAULT_BUDGETS, gates=gates,
-                        settings=AttackSettings(**{k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}), provider=provider, preprocess=pre,
+                        settings=AttackSettings(**{k: v for k, v in (("steps", steps), ("seed", seed))
+                                                   if v is not None}), provider=provider, preprocess=pre,
                         arch=arch, trust_pickle=trust_pickle, ownership_key=ownership_key)
     report = attack(req, progress=not quiet)
-    examples = report.pop("_examples")
-    line = verdict(report)
-    if report_path:
-        try:
-            write_reports(report_path, report, line, examples)
-        except OSError as e:
-            raise UserError(f"{report_path}: cannot write the report ({e.strerror or e}); pick a writable --report")
-    if as_json:
-        click.echo(json.dumps(report, default=str))
-    else:
-        click.echo(table(report))
-    click.echo(line)
-    sys.exit(0 if report["passed"] else 1)
+    print_and_exit(report, report_path, as_json)
 
 
 @main.command("passes")
@@ -423,9 +381,40 @@ def passes_cmd(as_json):
         click.echo(f"{i}. {n.ljust(w)}  {d}")
 
 
+def print_and_exit(report: dict, report_path: str | None, as_json: bool) -> None:
+    """The end of verify and attack: reports written (when asked), table or JSON on stdout, the verdict line,
+    exit 0 or 1."""
+    from .report import table, verdict, write_reports
+    examples = report.pop("_examples")
+    line = verdict(report)
+    if report_path:
+        try:
+            write_reports(report_path, report, line, examples)
+        except OSError as e:
+            raise UserError(f"{report_path}: cannot write the report ({e.strerror or e}); pick a writable --report")
+    click.echo(json.dumps(report, default=str) if as_json else table(report))
+    click.echo(line)
+    sys.exit(0 if report["passed"] else 1)
+
+
+def artifact_preprocess_override(artifact: str, input_size, channels, mean, std):
+    """None (use the artifact's sealed preprocessing) unless a flag is given: then the sealed values with the
+    flags applied over them."""
+    if not (input_size or channels or mean or std):
+        return None
+    from .preprocess import Preprocess, preprocess_from
+    from .verify import load_artifact, sealed_metadata
+    meta = sealed_metadata(load_artifact(artifact)).get("mapc.preprocess", {})
+    return _override_preprocess(preprocess_from(meta, f"{artifact}: sealed mapc.preprocess") if meta
+                                else Preprocess(), input_size, channels, mean, std)
+
+
 def check_report_paths(json_path: str) -> None:
     """report.json and the .md and .html written beside it must all be writable files, before any work."""
     from pathlib import Path
+    if not str(json_path).endswith(".json"):
+        raise UserError(f"--report {json_path}: give a .json path; report.md and report.html are written beside "
+                        f"it under the same stem")
     for suffix in (".json", ".md", ".html"):
         check_writable_file(str(Path(json_path).with_suffix(suffix)), "--report")
 
