@@ -16,6 +16,7 @@ Metrics (see the README's definitions):
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import numpy as np
@@ -47,9 +48,10 @@ def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: 
         opts.intra_op_num_threads = threads
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     providers = providers_for(device)
-    if device == "auto":
+    if device in ("auto", "cuda"):
         # the GPU wheel lists CUDA even where its libraries are missing; a failed load then falls
-        # back to CPU with a console error. Keep the console quiet; get_providers() says what ran.
+        # back to CPU (auto) or is refused below (cuda) after a console error. Keep the console
+        # quiet; get_providers() says what ran, and the refusal is one line.
         ort.set_default_logger_severity(4)
     try:
         sess = ort.InferenceSession(data, sess_options=opts, providers=providers)
@@ -57,7 +59,11 @@ def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: 
         if device == "cuda":
             raise UserError(f"onnxruntime could not start CUDA ({' '.join(str(e).split())[:160]}); use --device cpu")
         if source is not None:
-            raise UserError(f"{source}: onnxruntime cannot load this model ({' '.join(str(e).split())[:200]})")
+            reason = " ".join(str(e).split())
+            reason = reason.split(" failed:", 1)[-1].strip() if " failed:" in reason else reason
+            located = re.search(r"\.cc:\d+ \S+?\(.*?\) (\S.*)$", reason)   # drop the C++ source location
+            reason = located.group(1) if located else reason
+            raise UserError(f"{source}: onnxruntime cannot load this model ({reason[:200]})")
         raise
     if device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
         raise UserError("CUDA was requested but onnxruntime runs on " + ", ".join(sess.get_providers()) +

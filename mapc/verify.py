@@ -106,6 +106,8 @@ def weight_density(model: onnx.ModelProto) -> dict[str, float]:
 def baseline_model(path: str, pre: Preprocess, arch: str | None, trust_pickle: bool) -> tuple[onnx.ModelProto, str]:
     """The baseline as an ONNX graph: an ONNX file, or any model format mapc compile accepts, exported."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p}: the baseline is a folder; pass the model file (.onnx, .pt2, TorchScript or state_dict)")
     if not p.is_file():
         raise UserError(f"{p}: no such baseline model")
     if p.suffix == ".onnx":
