@@ -23,10 +23,13 @@ runs before the unchanged artifact.
                      the entropy of the mean prediction) on every weight but the classifier head
 
 With an original model (``--baseline``) every attack also runs on it, so a
-report shows what the protection costs the attacker. Gates:
+report shows what the protection costs the attacker. With the owner's watermark
+key (``--ownership``) every attacked copy of the artifact (and the artifact behind
+a learned input transform) is also tested for the watermark (``mapc.watermark``)
+on the authorized test rows. Gates:
 
     max_attacked_acc   every unauthorized domain's best accuracy over all attacks but target-finetune,
-                       every budget, on the artifact <= limit (percent)
+                       every budget, on the artifact, and never below the artifact as shipped <= limit (percent)
     max_finetune_gain  every unauthorized domain's target-finetune accuracy minus scratch's, every budget
                        <= limit (points): no protection stops an attacker with enough labels to train a model
                        of their own, so fine-tuning is gated against that reference, not an absolute figure
