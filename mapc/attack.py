@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -236,11 +236,11 @@ def attacker_rows(d: AttackDomain, fraction: float, num_classes: int, seed: int)
     return np.random.default_rng(seed).choice(len(d.train_x), size=k, replace=False)
 
 
-def run_remap(victim: Victim, d: AttackDomain, fraction: float, num_classes: int, seed: int) -> dict:
-    train_logits = run_logits(victim.sess, d.train_x)
-    test_logits = run_logits(victim.sess, d.rows.x)
+def run_remap(train_logits: np.ndarray, test_logits: np.ndarray, d: AttackDomain, fraction: float,
+              num_classes: int, seed: int) -> dict:
+    """The better of the ridge probe and the best relabelling (``mapc.probe``) on the victim's logits."""
     r = probe_accuracy(train_logits, d.train_y, test_logits, d.rows.labels, num_classes, fraction, seed=seed)
-    return {"after": max(r["acc"], r["relabel_acc"]), "linear_probe": r["acc"], "relabel": r["relabel_acc"], "k": r["k"]}
+    return {"after": max(r["acc"], r["relabel_acc"]), "linear_probe": r["acc"], "relabel": r["relabel_acc"]}
 
 
 def run_finetune(victim: Victim, net: OnnxModule, d: AttackDomain, rows: np.ndarray, s: AttackSettings,
@@ -320,8 +320,9 @@ def check_import(victim: Victim, domains: list[AttackDomain]) -> dict:
 
 
 def run_attacks(req: AttackRequest, victims: list[Victim], domains: list[AttackDomain], num_classes: int,
-                progress: bool) -> list[dict]:
-    """One row per (attack, budget, unauthorized domain): before/after per victim, scratch for both fine-tunes."""
+                measured: dict[str, dict], progress: bool) -> list[dict]:
+    """One row per (attack, budget, unauthorized domain): before/after per victim, scratch for both fine-tunes.
+    ``measured``: the report's domain entries (mapc.measure), where the before figures come from."""
     s = req.settings
     unauth = [d for d in domains if d.role == "unauthorized"]
     auth = [d for d in domains if d.role == "authorized"]
@@ -341,8 +342,10 @@ def run_attacks(req: AttackRequest, victims: list[Victim], domains: list[AttackD
             log(f"attack {attack} {row['budget']} ({k} rows) {d.name}: {a['before']:.1f} -> {pct(a['after'])}"
                 f"{orig}{ref}")
 
-    before = {v.label: {d.name: accuracy(run_logits(v.sess, d.rows.x), d.rows.labels) for d in domains}
-              for v in victims}
+    before = {"artifact": {n: e["protected_acc"] for n, e in measured.items()},
+              "original": {n: e.get("original_acc") for n, e in measured.items()}}
+    reference = replace(victims[0], owner=None)    # scratch runs: measured like the artifact, no watermark test
+    logits: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}   # (victim, domain) -> train, test logits
     for bi, fraction in enumerate(req.budgets):
         for di, d in enumerate(unauth):
             seed = run_seed(s.seed, bi, di)
@@ -351,7 +354,9 @@ def run_attacks(req: AttackRequest, victims: list[Victim], domains: list[AttackD
             if "remap" in req.attacks:
                 per = {}
                 for v in victims:
-                    r = run_remap(v, d, fraction, num_classes, seed)
+                    if (v.label, d.name) not in logits:
+                        logits[v.label, d.name] = (run_logits(v.sess, d.train_x), run_logits(v.sess, d.rows.x))
+                    r = run_remap(*logits[v.label, d.name], d, fraction, num_classes, seed)
                     per[v.label] = {"after": r["after"], "linear_probe": r["linear_probe"], "relabel": r["relabel"]}
                 add("remap", fraction, k, d, "labelled unauthorized", per, before)
             if "target-finetune" in req.attacks:
@@ -359,8 +364,8 @@ def run_attacks(req: AttackRequest, victims: list[Victim], domains: list[AttackD
                 for v in victims:
                     acc = run_finetune(v, v.fresh(), d, picked, s, seed, [d] + auth)
                     per[v.label] = attacked_entry(acc, d, auth)
-                scratch_net = reinitialise(victims[0].fresh(), seed)
-                scratch = run_finetune(victims[0], scratch_net, d, picked, s, seed, [d])[d.name]
+                scratch_net = reinitialise(reference.fresh(), seed)
+                scratch = run_finetune(reference, scratch_net, d, picked, s, seed, [d])[d.name]
                 ok = per["artifact"]["after"] is not None and scratch is not None
                 add("target-finetune", fraction, k, d, "labelled unauthorized", per, before, scratch=scratch,
                     gain=per["artifact"]["after"] - scratch if ok else None)
@@ -378,7 +383,7 @@ def run_attacks(req: AttackRequest, victims: list[Victim], domains: list[AttackD
             seed = run_seed(s.seed, bi, len(unauth))
             picked = attacker_rows(a, fraction, num_classes, seed)
             results = {v.label: run_finetune(v, v.fresh(), a, picked, s, seed, domains) for v in victims}
-            scratch = run_finetune(victims[0], reinitialise(victims[0].fresh(), seed), a, picked, s, seed, domains)
+            scratch = run_finetune(reference, reinitialise(reference.fresh(), seed), a, picked, s, seed, domains)
             for d in unauth:
                 per = {label: attacked_entry(acc, d, auth) for label, acc in results.items()}
                 add("source-finetune", fraction, len(picked), d, f"labelled authorized ({a.name})", per, before,
@@ -478,7 +483,7 @@ def attack(req: AttackRequest, progress: bool = True) -> dict:
     importer = {v.label: check_import(v, domains) for v in victims}
     t0 = time.perf_counter()
     torch.manual_seed(req.settings.seed)
-    rows = run_attacks(req, victims, domains, num_classes, progress)
+    rows = run_attacks(req, victims, domains, num_classes, measurement.domains, progress)
     t_attacks = time.perf_counter() - t0
     worst = worst_cases(rows, {n: e["protected_acc"] for n, e in measurement.domains.items()
                                if e["role"] == "unauthorized"})

@@ -54,6 +54,17 @@ class MapcGroup(click.Group):
                  f"please report it")
 
 
+def sealed_preprocess_options(command):
+    """--input-size, --channels, --mean, --std: override the preprocessing sealed into an artifact."""
+    for option in reversed((
+            click.option("--input-size", type=int, nargs=2, metavar="H W", help="Override the sealed input size."),
+            click.option("--channels", type=click.Choice(["1", "3"]), help="Override the sealed channel count."),
+            click.option("--mean", type=str, metavar="M[,M,M]", help="Override the sealed mean."),
+            click.option("--std", type=str, metavar="S[,S,S]", help="Override the sealed std."))):
+        command = option(command)
+    return command
+
+
 @click.group(cls=MapcGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mapc")
 def main():
@@ -198,10 +209,7 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
               help="Write report.json here, with report.md and report.html beside it.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="onnxruntime execution provider; the report names the one that actually ran.")
-@click.option("--input-size", type=int, nargs=2, metavar="H W", help="Override the sealed input size.")
-@click.option("--channels", type=click.Choice(["1", "3"]), help="Override the sealed channel count.")
-@click.option("--mean", type=str, metavar="M[,M,M]", help="Override the sealed mean.")
-@click.option("--std", type=str, metavar="S[,S,S]", help="Override the sealed std.")
+@sealed_preprocess_options
 @click.option("--ownership", "ownership_key", metavar="KEYFILE",
               help="Instead of gating: test whether ARTIFACT (a suspect model: .onnx or any format `mapc compile` "
                    "takes) carries the watermark of this key (`mapc compile --watermark`), on --authorized rows.")
@@ -309,10 +317,7 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
               help="Write report.json here, with report.md and report.html (tables, accuracy-vs-budget plot) beside it.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="onnxruntime execution provider for every measurement.")
-@click.option("--input-size", type=int, nargs=2, metavar="H W", help="Override the sealed input size.")
-@click.option("--channels", type=click.Choice(["1", "3"]), help="Override the sealed channel count.")
-@click.option("--mean", type=str, metavar="M[,M,M]", help="Override the sealed mean.")
-@click.option("--std", type=str, metavar="S[,S,S]", help="Override the sealed std.")
+@sealed_preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (then the verdict line).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def attack_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle, attacks, budgets, steps, seed,
