@@ -295,8 +295,8 @@ def attack_domains(req: AttackRequest, pre: Preprocess, num_classes: int | None)
         train = d.rows("train")
         if len(train) == 0:
             raise UserError(f"{path}: domain {name!r} has no train rows in 'split'; the attacker needs some")
-        train_x = apply(pre, d.images[train])
-        rows = MeasuredRows.test_rows(d, role, pre, train_x if role == "unauthorized" else None)
+        rows = MeasuredRows.test_rows(d, role, pre).in_memory()   # attacks train on these rows repeatedly
+        train_x = rows.probe_x if rows.probe_x is not None else apply(pre, d.images[train])
         out.append(AttackDomain(name, role, train_x, d.labels[train].astype(np.int64), rows))
     return out
 

@@ -116,11 +116,18 @@ def main():
                    "not exist, never written into the artifact or report). Prove ownership later with "
                    "`mapc verify SUSPECT --ownership KEYFILE`.")
 @click.option("--skip-pass", "skip_passes", multiple=True, metavar="NAME", help="Do not run this optional pass (see `mapc passes`); fold_masks, seal, audit and check always run.")
+@click.option("--workers", type=click.IntRange(0, 64),
+              help="DataLoader processes reading and preprocessing rows while the mask learns (default 2 when a "
+                   "domain is an ImageFolder, else 0).")
+@click.option("--nproc", type=click.IntRange(1, 64),
+              help="Learn the mask data-parallel in N processes (torch.distributed: gloo on CPU, nccl on CUDA, one "
+                   "GPU each); every process holds the same mask, process 0 builds and writes OUTDIR. mask.batch_size "
+                   "must be divisible by N. Same as `torchrun --nproc_per_node N -m mapc compile ...`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no log lines on stderr.")
 def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch, trust_pickle, seed, device,
                 granularity, steps, keep_salient, input_size, channels, mean, std, max_source_drop, max_target_acc,
-                max_probe_acc, no_gates, watermark, skip_passes, as_json, quiet):
+                max_probe_acc, no_gates, watermark, skip_passes, workers, nproc, as_json, quiet):
     """Learn a protection mask for MODEL and compile it into OUTDIR/protected.onnx.
 
     MODEL is a torch.export program (.pt2), a TorchScript archive, a state_dict
@@ -181,8 +188,16 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
     if no_gates:
         from .gates import Gates
         cfg.gates = Gates()
+    if workers is not None:
+        cfg.workers = workers
     validate(cfg, "command line")
+    from .distributed import launched
+    if nproc and nproc > 1 and not launched():
+        from .launch import run
+        sys.exit(run(nproc, sys.argv[1:]))
     report = compile_model(cfg, outdir, progress=not quiet)
+    if report is None:             # a helper process of a data-parallel run: process 0 reports
+        sys.exit(0)
     if as_json:
         click.echo(json.dumps(report, default=str))
     else:

@@ -23,22 +23,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 
 import passes
 
-from . import __version__
+from . import __version__, distributed
 from .atomic import can_create, foreign_entries, nearest_existing, staged_dir
 from .config import CompileConfig, MaskConfig
 from .datasets import Domain, load_domain
+from .distributed import Dist
 from .errors import UserError
 from .evaluate import run_logits, latency_pair_ms, session
 from .export import export_onnx
 from .gates import evaluate_gates
-from .masking import MaskResult, TrainData, learn_mask, masked_forward, predict, split_validation
+from .masking import MaskResult, TrainData, labelled, learn_mask, masked_forward, split_validation
 from .measure import Measurement, MeasuredRows, measure_domains
 from .models import LoadedModel, load_model
-from .preprocess import apply
+from .rows import ArrayRows, Concat, ImageRows, Mapped, Rows, cached
 from .synthesis import to_uint8_images
 from .report import REPORT_SCHEMA_VERSION, report_files, report_header, verdict
 
@@ -85,9 +85,8 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 @dataclass
 class Split:
-    """A domain's preprocessed train rows (they teach the mask) and its measured test rows."""
-    x_train: np.ndarray
-    y_train: np.ndarray | None
+    """A domain's train rows (they teach the mask) and its measured test rows, both read a batch at a time."""
+    train: Rows
     test: MeasuredRows
 
 
@@ -95,9 +94,8 @@ def prepare_domain(d: Domain, role: str, cfg: CompileConfig) -> Split:
     tr = d.rows("train")
     if len(tr) == 0:
         raise UserError(f"{d.path}: domain {d.name!r} has no train rows in 'split'")
-    x_train = apply(cfg.preprocess, d.images[tr])
-    test = MeasuredRows.test_rows(d, role, cfg.preprocess, train_x=x_train if d.has_split else None)
-    return Split(x_train, None if d.labels is None else d.labels[tr], test)
+    train = cached(ImageRows(d.images, tr, None if d.labels is None else d.labels[tr], cfg.preprocess))
+    return Split(train, MeasuredRows.test_rows(d, role, cfg.preprocess))
 
 
 class Clock:
@@ -130,6 +128,7 @@ class Prepared:
     splits: dict[str, Split]
     auth_name: str | None
     watermark_key: bytes | None = None
+    dist: Dist | None = None               # data-parallel learning across processes (``mapc.distributed``)
 
 
 @dataclass
@@ -161,25 +160,35 @@ class Measured:
 
 
 def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
-                  external_threshold: int = passes.PROTOBUF_LIMIT) -> dict:
-    """load -> learn the mask -> export and run the passes -> measure -> report -> write OUTDIR."""
+                  external_threshold: int = passes.PROTOBUF_LIMIT) -> dict | None:
+    """load -> learn the mask -> export and run the passes -> measure -> report -> write OUTDIR.
+
+    Started by torchrun (``mapc.distributed``), every process learns the same mask and only rank 0 goes on
+    (the others return None)."""
+    dist = distributed.init(torch_device(cfg.device))
+    progress = progress and (dist is None or dist.is_main)
     say = log if progress else (lambda _msg: None)  # -q: neither progress bars nor log lines
     clock = Clock()
     check_output_dir(Path(outdir))
-    prepared = prepare(cfg, clock, say)
+    prepared = prepare(cfg, clock, say, dist)
     learned = learn(cfg, prepared, clock, say, progress)
+    if dist is not None and not dist.is_main:
+        return None
     built = build_artifact(cfg, prepared, learned, clock)
     measured = measure(cfg, prepared, learned, built, clock)
     report = build_report(cfg, prepared, learned, built, measured, clock)
     return write_outdir(Path(outdir), report, built, measured, learned, cfg, external_threshold)
 
 
-def prepare(cfg: CompileConfig, clock: Clock, say) -> Prepared:
+def prepare(cfg: CompileConfig, clock: Clock, say, dist: Dist | None = None) -> Prepared:
     mode = cfg.resolved_mode()
     check_mode_data(mode, cfg)
     if cfg.model is None:
         raise UserError("no model given: pass MODEL or set model = \"...\" in the config")
     device = torch_device(cfg.device)
+    if dist is not None and device.type == "cuda":     # one GPU per process
+        device = torch.device("cuda", dist.rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     with clock("load_seconds"):
         loaded = load_model(cfg.model, cfg.arch, cfg.trust_pickle)
         num_classes = probe_classes(loaded.module, cfg.preprocess.input_shape, cfg.model)
@@ -188,10 +197,15 @@ def prepare(cfg: CompileConfig, clock: Clock, say) -> Prepared:
                  **{n: ("unauthorized", p) for n, p in cfg.unauthorized.items()}}
         splits = {n: prepare_domain(load_domain(n, p, num_classes), role, cfg) for n, (role, p) in roles.items()}
     auth_name = next(iter(cfg.authorized), None)
+    if dist is not None and not dist.is_main:
+        dist.barrier()            # rank 0 creates a missing key file first
     key = watermark_key(cfg, mode, splits, auth_name, say)
+    if dist is not None and dist.is_main:
+        dist.barrier()
     say(f"model {Path(cfg.model).name} ({loaded.format}), {num_classes} classes; mode {mode}; "
-        f"authorized {auth_name or '-'}, unauthorized {', '.join(cfg.unauthorized) or '-'}; device {device}")
-    return Prepared(loaded, num_classes, fingerprint, mode, device, splits, auth_name, key)
+        f"authorized {auth_name or '-'}, unauthorized {', '.join(cfg.unauthorized) or '-'}; device {device}"
+        + (f"; {dist.world} processes" if dist is not None else ""))
+    return Prepared(loaded, num_classes, fingerprint, mode, device, splits, auth_name, key, dist)
 
 
 def watermark_key(cfg: CompileConfig, mode: str, splits: dict[str, Split], auth_name: str | None, say):
@@ -200,7 +214,7 @@ def watermark_key(cfg: CompileConfig, mode: str, splits: dict[str, Split], auth_
     if cfg.watermark is None:
         return None
     from .watermark import load_or_create_key
-    if mode != "source-available" or auth_name is None or splits[auth_name].y_train is None:
+    if mode != "source-available" or auth_name is None or splits[auth_name].train.labels is None:
         raise UserError(f"--watermark {cfg.watermark}: the watermark is learned on labelled authorized train rows; "
                         f"give --authorized NAME=PATH with labels (source-available mode)")
     key, created = load_or_create_key(cfg.watermark)
@@ -220,14 +234,12 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
                     "unauthorized": "synthesized neighbor domains" if p.mode == "data-free" else "real train rows"}
     stats, preview = None, None
 
-    def tensors(s: Split):
-        x = torch.from_numpy(s.x_train).to(p.device)
-        y = torch.from_numpy(s.y_train).to(p.device) if s.y_train is not None else predict(module, x).argmax(1)
-        return split_validation(x, y, cfg.mask.val_rows, rng)
+    def selection_split(rows: Rows) -> tuple[Rows, Rows]:
+        train, val = split_validation(rows, cfg.mask.val_rows, rng)
+        return train, labelled(val, module, p.device)
 
     if not synthesized:
-        (auth_x, auth_y), val_auth = tensors(p.splits[p.auth_name])
-        has_auth_labels = p.splits[p.auth_name].y_train is not None
+        auth, val_auth = selection_split(p.splits[p.auth_name].train)
     else:
         from .synthesis import invert
         say(f"synthesizing {cfg.synthesis.images} pseudo-authorized images by model inversion "
@@ -240,48 +252,65 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
             f"(Gaussian noise: {stats['bn_mismatch_noise']:.3f})")
         stats["feasibility"] = feasibility(cfg, p, stats)
         preview = sx[:32].cpu()
-        (auth_x, auth_y), val_auth = split_validation(sx, sy, cfg.mask.val_rows, rng)
-        has_auth_labels = True
+        auth, val_auth = selection_split(ArrayRows(sx.cpu().numpy(), sy.cpu().numpy()))
     with clock("mask_seconds"):
-        teacher = F.log_softmax(predict(module, auth_x), 1)
-        unauth, val_unauth = unauthorized_rows(cfg, p, auth_x, auth_y, val_auth, tensors)
-        if p.watermark_key is not None:
-            unauth.append(stamped(cfg, p.watermark_key, auth_x, auth_y))
-            auth_x, auth_y, teacher = keep_control_patterns(module, cfg, p.watermark_key, auth_x, auth_y, teacher)
-            val_unauth.append(stamped(cfg, p.watermark_key, *val_auth))
+        unauth, val_unauth = unauthorized_rows(cfg, p, auth, val_auth, selection_split)
         weights = None
         if p.watermark_key is not None:
             from .watermark import DOMAIN_WEIGHT
+            unauth.append(stamped(cfg, p.watermark_key, auth))
+            val_unauth.append(stamped(cfg, p.watermark_key, val_auth))
+            auth = with_control_patterns(cfg, p.watermark_key, auth)
             weights = [1.0] * (len(unauth) - 1) + [DOMAIN_WEIGHT]
-        data = TrainData(auth_x, auth_y if has_auth_labels else None, teacher, unauth, val_auth, val_unauth,
-                         weights)
+        data = TrainData(auth, unauth, val_auth, val_unauth, weights)
         mask_cfg = cfg.mask.resolved_for(p.mode)
-        result = learn_mask(module, data, p.num_classes, mask_cfg, cfg.seed, p.device, progress=progress)
+        check_distributed(mask_cfg, p.dist)
+        result = learn_mask(module, data, p.num_classes, mask_cfg, cfg.seed, p.device, progress=progress,
+                            workers=loader_workers(cfg, p), dist=p.dist)
         module.to("cpu")
     if weights_fingerprint(module) != p.fingerprint:
         raise RuntimeError("internal error: mask learning changed the frozen weights")
     say(f"mask: {result.pruned_fraction() * 100:.1f} % of masked weights pruned "
-        f"(step {result.selected_step} selected) in {result.seconds:.1f} s")
+        f"(step {result.selected_step} selected) in {result.seconds:.1f} s, {result.images_per_second:.0f} images/s")
     return Learned(result, mask_cfg, learned_from, stats, preview)
 
 
-def keep_control_patterns(module, cfg: CompileConfig, key: bytes, x, y, teacher):
-    """The authorized rows followed by a copy stamped with other patterns (``watermark.TRAIN_CONTROLS``), all to
-    keep: the mask then breaks the key's pattern, not sparse noise in general."""
+def loader_workers(cfg: CompileConfig, p: Prepared) -> int:
+    """DataLoader worker processes: as configured; by default 2 when a domain is an ImageFolder (files to decode
+    while the model learns), none for in-memory arrays."""
+    if cfg.workers is not None:
+        return cfg.workers
+    folders = any(Path(path).is_dir() for path in (*cfg.authorized.values(), *cfg.unauthorized.values()))
+    return 2 if folders else 0
+
+
+def check_distributed(mask_cfg: MaskConfig, dist) -> None:
+    if dist is not None and mask_cfg.feature_weight > 0:
+        raise UserError("mask.feature_weight > 0 is not supported with several processes; set it to 0 or run "
+                        "one process")
+    if dist is not None and mask_cfg.batch_size % dist.world:
+        raise UserError(f"mask.batch_size {mask_cfg.batch_size} must be divisible by the number of processes "
+                        f"({dist.world}): each reads an equal share of every batch")
+
+
+def with_control_patterns(cfg: CompileConfig, key: bytes, auth: Rows) -> Rows:
+    """The authorized rows followed by a copy of the first of them stamped with other patterns
+    (``watermark.TRAIN_CONTROLS``), all to keep: the mask then breaks the key's pattern, not sparse noise in
+    general."""
     from .watermark import CONTROL_SHARE, TRAIN_CONTROLS, controls, stamp_with_controls
     pre = cfg.preprocess
     patterns = controls(key, "train", TRAIN_CONTROLS, pre.input_shape)
-    n = max(1, int(len(x) * CONTROL_SHARE))
-    xc = torch.from_numpy(stamp_with_controls(x[:n].cpu().numpy(), patterns, pre.mean, pre.std)).to(x.device)
-    return torch.cat([x, xc]), torch.cat([y, y[:n]]), torch.cat([teacher, F.log_softmax(predict(module, xc), 1)])
+    n = max(1, int(len(auth) * CONTROL_SHARE))
+    return Concat(auth, Mapped(auth.subset(np.arange(n)),
+                               lambda x, idx: stamp_with_controls(x, patterns, pre.mean, pre.std, positions=idx)))
 
 
-def stamped(cfg: CompileConfig, key: bytes, x, y):
+def stamped(cfg: CompileConfig, key: bytes, rows: Rows) -> Rows:
     """The hidden unauthorized domain: rows stamped with the key's trigger, same labels."""
     from .watermark import stamp, trigger
     pre = cfg.preprocess
-    xs = stamp(x.cpu().numpy(), trigger(key, pre.input_shape), pre.mean, pre.std)
-    return torch.from_numpy(xs).to(x.device), y
+    delta = trigger(key, pre.input_shape)
+    return Mapped(rows, lambda x, idx: stamp(x, delta, pre.mean, pre.std))
 
 
 def feasibility(cfg: CompileConfig, p: Prepared, synthesis_stats: dict) -> dict:
@@ -290,11 +319,11 @@ def feasibility(cfg: CompileConfig, p: Prepared, synthesis_stats: dict) -> dict:
     from .synthesis import REFERENCE_ROWS, separability
     rng = np.random.default_rng(cfg.seed)     # a random sample: the rows may be sorted by class
 
-    def sample(x: np.ndarray) -> torch.Tensor:
-        rows = np.sort(rng.choice(len(x), min(len(x), REFERENCE_ROWS), replace=False))
-        return torch.from_numpy(x[rows]).to(p.device)
+    def sample(rows: Rows) -> torch.Tensor:
+        idx = np.sort(rng.choice(len(rows), min(len(rows), REFERENCE_ROWS), replace=False))
+        return torch.from_numpy(rows.take(idx)).to(p.device)
 
-    domains = {n: sample(p.splits[n].x_train) for n in cfg.unauthorized}
+    domains = {n: sample(p.splits[n].train) for n in cfg.unauthorized}
     out = separability(p.loaded.module, p.loaded.format, domains, synthesis_stats)
     for name, d in out.items():
         if not d["separable"]:
@@ -306,18 +335,19 @@ def feasibility(cfg: CompileConfig, p: Prepared, synthesis_stats: dict) -> dict:
     return out
 
 
-def unauthorized_rows(cfg: CompileConfig, p: Prepared, auth_x, auth_y, val_auth, tensors):
+def unauthorized_rows(cfg: CompileConfig, p: Prepared, auth: Rows, val_auth: Rows, selection_split):
     """(train, validation) unauthorized rows: the given domains, or synthesized neighbor domains (data-free)."""
     unauth, val_unauth = [], []
     if p.mode == "data-free":
         from .synthesis import neighbor_domains
-        for shifted in neighbor_domains(auth_x, cfg.seed, cfg.preprocess.mean, cfg.preprocess.std):
-            unauth.append((shifted, auth_y))          # the shifts keep the class content
-        for shifted in neighbor_domains(val_auth[0], cfg.seed + 1, cfg.preprocess.mean, cfg.preprocess.std):
-            val_unauth.append((shifted, val_auth[1]))
+        pre = cfg.preprocess
+        for shifted in neighbor_domains(torch.from_numpy(auth.materialize()), cfg.seed, pre.mean, pre.std):
+            unauth.append(ArrayRows(shifted.numpy(), auth.labels))          # the shifts keep the class content
+        for shifted in neighbor_domains(torch.from_numpy(val_auth.materialize()), cfg.seed + 1, pre.mean, pre.std):
+            val_unauth.append(ArrayRows(shifted.numpy(), val_auth.labels))
         return unauth, val_unauth
     for n in cfg.unauthorized:
-        train, val = tensors(p.splits[n])
+        train, val = selection_split(p.splits[n].train)
         unauth.append(train)
         val_unauth.append(val)
     return unauth, val_unauth
@@ -356,7 +386,7 @@ def measure(cfg: CompileConfig, p: Prepared, learned: Learned, built: Built, clo
         ownership = None
         if p.watermark_key is not None:
             from .watermark import measure_ownership
-            auth = p.splits[p.auth_name].test
+            auth = p.splits[p.auth_name].test.in_memory()
             ownership = measure_ownership(lambda x: run_logits(s_prot, x), auth.x, auth.labels, p.watermark_key,
                                           cfg.preprocess)
         parity = torch_parity(p.loaded.module, learned.result.masks, p.splits, measurement)
@@ -391,6 +421,8 @@ def build_report(cfg: CompileConfig, p: Prepared, learned: Learned, built: Built
         "parity": measured.parity,
         "mask": {"granularity": result.granularity, "pruned_fraction": result.pruned_fraction(),
                  "density": result.density(), "selected_step": result.selected_step,
+                 "images_per_second": result.images_per_second,
+                 "processes": 1 if p.dist is None else p.dist.world,
                  "config": vars(learned.mask_cfg), "history": result.history},
         "latency_ms_batch256": measured.latency,
         "watermark": {"used": measured.ownership is not None, "ownership": measured.ownership},

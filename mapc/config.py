@@ -17,6 +17,7 @@ TOML layout::
     mode = "source-available"              # optional; inferred from the data given
     seed = 0
     device = "auto"                        # auto | cpu | cuda
+    workers = 2                            # DataLoader processes (default: 2 for ImageFolder domains, else 0)
 
     [preprocess]                           # size, channels, mean, std
     [authorized]    NAME = "path.npz"
@@ -149,6 +150,7 @@ class CompileConfig:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     skip_passes: list[str] = field(default_factory=list)
     watermark: str | None = None         # key file (--watermark); never read from TOML, never written anywhere
+    workers: int | None = None           # DataLoader processes reading rows; None: 2 for ImageFolder domains, else 0
 
     def resolved_mode(self) -> str:
         if self.mode is not None:
@@ -187,7 +189,7 @@ def load_config(path: str | Path) -> CompileConfig:
         q = Path(v)
         return str(q if q.is_absolute() else base / q)
 
-    known_top = {"model", "arch", "trust_pickle", "mode", "seed", "device", "skip_passes"}
+    known_top = {"model", "arch", "trust_pickle", "mode", "seed", "device", "skip_passes", "workers"}
     known_tables = {"preprocess", "authorized", "unauthorized", "mask", "gates", "synthesis"}
     unknown = set(raw) - known_top - known_tables
     if unknown:
@@ -221,6 +223,8 @@ def validate(cfg: CompileConfig, where: str = "config") -> None:
         raise UserError(f"{where}: domain names used as both authorized and unauthorized: {sorted(overlap)}")
     if len(cfg.authorized) > 1:
         raise UserError(f"{where}: one authorized domain is supported, got {sorted(cfg.authorized)}")
+    if cfg.workers is not None and not 0 <= cfg.workers <= 64:
+        raise UserError(f"{where}: workers must be 0..64 (DataLoader processes), got {cfg.workers}")
     if cfg.seed < 0 or cfg.seed >= 2 ** 32:
         raise UserError(f"{where}: seed must be in 0..2**32-1, got {cfg.seed}")
     validate_gates(cfg.gates, where)

@@ -9,8 +9,14 @@ split every row is both, and reports say so (``split: "none"``).
 ``labels`` integer N (optional), ``split`` N strings "train"/"test"
 (optional). Object arrays are refused (``allow_pickle=False``).
 
-ImageFolder: ``PATH/<class>/<image>``; class folders named 0..K-1 map to those
-labels, otherwise sorted folder names map to 0..K-1.
+ImageFolder: ``PATH/<class>/<image>``, or ``PATH/train/<class>/<image>`` and
+``PATH/test/<class>/<image>`` for a split; class folders named 0..K-1 map to
+those labels, otherwise sorted folder names map to 0..K-1.
+
+Nothing is decoded up front: an ImageFolder is checked in one pass over file
+headers (size, format, truncation) and read a batch at a time; an
+uncompressed ``.npz`` (``np.savez``) is memory-mapped, a compressed one read
+as uint8. Preprocessing to float happens per batch (``mapc.rows``).
 """
 from __future__ import annotations
 
@@ -106,13 +112,38 @@ def _check_npz_headers(p: Path) -> None:
                                 f"more than mapc loads ({MAX_ARRAY_BYTES >> 30} GiB); split the data")
 
 
+def _memory_map(p: Path, member: str) -> np.ndarray | None:
+    """A read-only memory map of an uncompressed (``np.savez``) member, or None when it is compressed or not a
+    plain C-ordered array: then it is read into memory."""
+    with zipfile.ZipFile(p) as z:
+        info = z.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with z.open(info) as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            header = f.tell()
+    if fortran or dtype.hasobject:
+        return None
+    with open(p, "rb") as fh:       # the member's data starts after its local header (30 bytes + name + extra)
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = np.frombuffer(fh.read(4), "<u2")
+    offset = info.header_offset + 30 + int(name_len) + int(extra_len) + header
+    return np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+
+
 def _load_npz(p: Path):
     if not zipfile.is_zipfile(p):
         raise UserError(f"{p}: not an .npz archive (np.savez writes one); rebuild or re-download it")
     try:
         _check_npz_headers(p)
         with np.load(p, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files if k in ("images", "labels", "split")}
+            arrays = {k: f[k] for k in f.files if k in ("labels", "split")}
+            if "images" in f.files:
+                arrays["images"] = _memory_map(p, "images.npy")
+                if arrays["images"] is None:
+                    arrays["images"] = f["images"]
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise UserError(f"{p}: not a readable .npz file ({type(e).__name__}); rebuild or re-download it")
     except ValueError as e:
@@ -148,47 +179,124 @@ def _load_npz(p: Path):
     return images, labels, split
 
 
-def _load_image_folder(p: Path):
-    from PIL import Image, UnidentifiedImageError
+GREY_MODES = ("L", "1", "P", "I", "I;16")
 
-    classes = sorted(d for d in p.iterdir() if d.is_dir())
-    if not classes:
-        raise UserError(f"{p}: an ImageFolder needs one subfolder per class; none found")
-    names = [d.name for d in classes]
-    if all(n.isdigit() for n in names):
-        label_of = {n: int(n) for n in names}
+
+class ImageFolderImages:
+    """An ImageFolder's images, decoded when indexed: ``images[idx]`` -> uint8 array of the folder's layout.
+
+    The layout is the first image's size, with 3 channels if any file is colour (grey files are then
+    replicated) and 1 otherwise; a file of another size or mode is brought to it as it is read
+    (bilinear resize), as an in-memory load would. Holds only paths, so it pickles cheaply into
+    DataLoader workers.
+    """
+
+    def __init__(self, files: list[Path], height: int, width: int, channels: int):
+        self.files, self.height, self.width, self.channels = files, height, width, channels
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.files), self.height, self.width) + ((3,) if self.channels == 3 else ())
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    dtype = np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if isinstance(idx, (int, np.integer)):
+            return self._read(self.files[int(idx)])
+        rows = np.arange(len(self.files))[idx]
+        out = np.empty((len(rows), *self.shape[1:]), np.uint8)
+        for i, r in enumerate(rows):
+            out[i] = self._read(self.files[int(r)])
+        return out
+
+    def _read(self, f: Path) -> np.ndarray:
+        from PIL import Image
+        try:
+            with Image.open(f) as im:
+                arr = np.asarray(im.convert("L") if im.mode in GREY_MODES else im.convert("RGB"))
+        except Exception as e:   # decoded after the header pass: a file broken past its header, or changed since
+            raise UserError(f"{f}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
+                            f"remove or fix it")
+        if arr.shape != self.shape[1:]:
+            from .preprocess import resize, to_channels
+            arr = resize(to_channels(arr[None], self.channels), (self.height, self.width))[0]
+            arr = arr[..., 0] if self.channels == 1 else arr
+        return arr
+
+
+def _class_folders(p: Path) -> list[Path]:
+    return sorted(d for d in p.iterdir() if d.is_dir())
+
+
+def _load_image_folder(p: Path):
+    """Header pass over ``p/<class>/<image>`` (or ``p/train/<class>`` and ``p/test/<class>``): every file is
+    opened, its size checked and its data checked for truncation without decoding; pixels are read later,
+    one batch at a time (``ImageFolderImages``)."""
+    parts = {d.name: d for d in _class_folders(p)}
+    if set(parts) == {"train", "test"}:
+        groups = [("train", parts["train"]), ("test", parts["test"])]
     else:
-        label_of = {n: i for i, n in enumerate(names)}
-    images, labels = [], []
-    for d in classes:
-        for f in sorted(d.iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    with Image.open(f) as im:
-                        w, h = im.size
-                        if w * h > MAX_PIXELS or w == 0 or h == 0:
-                            raise UserError(f"{f}: {w}x{h} pixels is not a plausible training image (limit "
-                                            f"{MAX_PIXELS:,} pixels); remove it or resize it")
-                        arr = np.asarray(im.convert("L") if im.mode in ("L", "1", "P", "I", "I;16")
-                                         else im.convert("RGB"))
-            except UserError:
-                raise
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-                    Image.DecompressionBombWarning) as e:
-                raise UserError(f"{f}: not a readable image ({type(e).__name__}); remove or fix it")
-            images.append(arr)
-            labels.append(label_of[d.name])
-    if not images:
-        raise UserError(f"{p}: no images found under its class folders")
-    shapes = {a.shape for a in images}
-    if len(shapes) > 1:
-        # mixed sizes or modes: bring everything to the first image's layout
-        from .preprocess import resize, to_channels
-        ch = 3 if any(a.ndim == 3 for a in images) else 1
-        h, w = images[0].shape[:2]
-        images = [resize(to_channels(a[None], ch), (h, w))[0] for a in images]
-        images = [a[..., 0] if ch == 1 else a for a in images]
-    return np.stack(images).astype(np.uint8), np.asarray(labels, np.int64), None
+        groups = [(None, p)]
+    class_names = sorted({d.name for _, g in groups for d in _class_folders(g)})
+    if not class_names:
+        raise UserError(f"{p}: an ImageFolder needs one subfolder per class; none found")
+    if all(n.isdigit() for n in class_names):
+        label_of = {n: int(n) for n in class_names}
+    else:
+        label_of = {n: i for i, n in enumerate(class_names)}
+    files, labels, split, layout = [], [], [], None
+    colour = False
+    for part, folder in groups:
+        for d in _class_folders(folder):
+            found = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"{d}: class folder {d.name!r} holds no images; add images or remove the folder")
+            for f in found:
+                size, mode = _check_header(f)
+                layout = layout or size
+                colour = colour or mode not in GREY_MODES
+                files.append(f)
+                labels.append(label_of[d.name])
+                split.append(part)
+    images = ImageFolderImages(files, layout[1], layout[0], 3 if colour else 1)
+    return images, np.asarray(labels, np.int64), None if groups[0][0] is None else np.asarray(split)
+
+
+def _check_header(f: Path) -> tuple[tuple[int, int], str]:
+    """(width, height), mode of an image file, from its header; refuses implausible sizes and files whose data
+    is truncated or corrupt where that shows without decoding (PNG chunk checksums, JPEG end marker)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(f) as im:
+                w, h = im.size
+                mode, fmt = im.mode, im.format
+                if w * h > MAX_PIXELS or w == 0 or h == 0:
+                    raise UserError(f"{f}: {w}x{h} pixels is not a plausible training image (limit "
+                                    f"{MAX_PIXELS:,} pixels); remove it or resize it")
+                if fmt == "PNG":
+                    im.verify()
+        if fmt == "JPEG" and not _jpeg_has_end(f):
+            raise UserError(f"{f}: truncated JPEG (no end-of-image marker); remove or re-encode it")
+    except UserError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise UserError(f"{f}: not a readable image ({type(e).__name__}); remove or fix it")
+    return (w, h), mode
+
+
+def _jpeg_has_end(f: Path, tail: int = 4096) -> bool:
+    with open(f, "rb") as fh:
+        fh.seek(0, 2)
+        n = fh.tell()
+        fh.seek(max(0, n - tail))
+        return b"\xff\xd9" in fh.read()

@@ -71,18 +71,22 @@ def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: 
     return sess
 
 
-def check_input_fits(sess: ort.InferenceSession, x: np.ndarray, data_name: str) -> None:
-    """Preprocessed rows must have the model input's static dimensions (batch excepted)."""
+def check_input_fits(sess: ort.InferenceSession, x, data_name: str) -> None:
+    """Preprocessed rows (an array, or one row's shape) must have the model input's static dimensions (batch
+    excepted)."""
     inp = sess.get_inputs()[0]
     want = inp.shape[1:]
-    if len(want) != x.ndim - 1 or any(isinstance(w, int) and w != g for w, g in zip(want, x.shape[1:])):
-        raise UserError(f"{data_name}: rows preprocess to {tuple(x.shape[1:])} but the model's input "
+    row = tuple(x) if isinstance(x, tuple) else tuple(x.shape[1:])
+    if len(want) != len(row) or any(isinstance(w, int) and w != g for w, g in zip(want, row)):
+        raise UserError(f"{data_name}: rows preprocess to {row} but the model's input "
                         f"{inp.name!r} is {inp.shape}; fix --input-size/--channels (or the sealed preprocessing)")
 
 
-def run_logits(sess: ort.InferenceSession, x: np.ndarray, batch: int = 512) -> np.ndarray:
+def run_logits(sess: ort.InferenceSession, x, batch: int = 512) -> np.ndarray:
+    """Logits on an array or on ``mapc.rows.Rows`` (read a batch at a time)."""
+    from .rows import batches_of
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    return np.concatenate([sess.run(None, {name: xb})[0] for xb in batches_of(x, batch)])
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

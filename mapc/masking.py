@@ -75,12 +75,17 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .config import MaskConfig
+from .rows import Rows, batches_of
+
+if TYPE_CHECKING:
+    from .distributed import Dist
 
 
 SALIENCY_ROWS = 2048  # authorized rows the saliency is summed over
@@ -108,6 +113,7 @@ class MaskResult:
     history: list[dict]
     seconds: float
     selected_step: int = -1
+    images_per_second: float = 0.0      # rows read and learned from per second (all processes together)
 
     def density(self) -> dict[str, float]:
         return {k: float(m.mean()) for k, m in self.masks.items()}
@@ -194,22 +200,36 @@ def backprop_scores(masked: list[MaskedParam], temperature: float) -> None:
         m.param.grad = None
 
 
-def saliency(module: torch.nn.Module, masked: list[MaskedParam], x: torch.Tensor, y: torch.Tensor,
-             batch: int = 256) -> list[torch.Tensor]:
-    """Per masked parameter, sum over batches of (dCE/dW * W0)^2, in the score's shape.
+def saliency(module: torch.nn.Module, masked: list[MaskedParam], rows: Rows, index: np.ndarray, device,
+             batch: int = 256, dist=None) -> list[torch.Tensor]:
+    """Per masked parameter, sum over batches of ``rows[index]`` of (dCE/dW * W0)^2, in the score's shape;
+    labels are the rows' own or the frozen model's predictions. With several processes each takes every
+    world-th batch and the sums are added up.
 
     Computed with the frozen (unmasked) weights in place; torch.autograd.grad leaves ``.grad`` untouched.
     """
     restore_values(masked)
     total = [torch.zeros_like(m.score) for m in masked]
-    for i in range(0, len(x), batch):
-        loss = F.cross_entropy(module(x[i:i + batch]), y[i:i + batch], reduction="sum")
+    starts = list(range(0, len(index), batch))
+    if dist is not None:
+        starts = starts[dist.rank::dist.world]
+    for i in starts:
+        part = index[i:i + batch]
+        x = torch.from_numpy(rows.take(part)).to(device)
+        if rows.labels is not None:
+            y = torch.from_numpy(rows.labels[part]).to(device)
+        else:
+            with torch.no_grad():
+                y = module(x).argmax(1)
+        loss = F.cross_entropy(module(x), y, reduction="sum")
         grads = torch.autograd.grad(loss, [m.param for m in masked], allow_unused=True)
         with torch.no_grad():
             for k, (m, g) in enumerate(zip(masked, grads)):
                 if g is None:
                     continue
                 total[k] += to_score_shape((g * m.original).pow(2), m.score)
+    if dist is not None:
+        dist.sum_(total)
     return total
 
 
@@ -266,40 +286,56 @@ def probe_r2(logits: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: flo
 
 @dataclass
 class TrainData:
-    """Preprocessed train rows on the learning device."""
-    auth_x: torch.Tensor
-    auth_y: torch.Tensor | None
-    auth_teacher: torch.Tensor           # frozen model's log-probabilities on auth_x
-    unauth: list[tuple[torch.Tensor, torch.Tensor]]  # (x, labels or pseudo-labels)
-    val_auth: tuple[torch.Tensor, torch.Tensor] | None = None      # (x, labels or teacher labels)
-    val_unauth: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """The rows mask learning reads (``mapc.rows``; preprocessed a batch at a time)."""
+    auth: Rows                           # authorized rows; their labels, or None (the frozen model's predictions)
+    unauth: list[Rows]                   # one per unauthorized domain; labels or None (frozen predictions)
+    val_auth: Rows | None = None         # held-out rows for mask selection, labelled (given or frozen predictions)
+    val_unauth: list[Rows] = field(default_factory=list)
     unauth_weights: list[float] | None = None    # a fixed weight per unauthorized domain (default 1 each)
 
 
-def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, rng: np.random.Generator):
-    """Hold ``n_val`` rows (at most a quarter) out of the train rows for mask selection."""
-    n_val = min(n_val, len(x) // 4)
-    order = torch.from_numpy(rng.permutation(len(x)))
-    va, tr = order[:n_val], order[n_val:]
-    return (x[tr], y[tr]), (x[va], y[va])
+def split_validation(rows: Rows, n_val: int, rng: np.random.Generator) -> tuple[Rows, Rows]:
+    """(train, validation): ``n_val`` rows (at most a quarter) held out of ``rows`` for mask selection."""
+    n_val = min(n_val, len(rows) // 4)
+    order = rng.permutation(len(rows))
+    return rows.subset(order[n_val:]), rows.subset(order[:n_val])
 
 
-def predict(module: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    """Logits of ``module`` on ``x`` in batches, without gradients."""
+def predict(module: torch.nn.Module, x: torch.Tensor | Rows, batch: int = 1024,
+            device: torch.device | None = None) -> torch.Tensor:
+    """Logits of ``module`` on a tensor or on ``Rows`` (read a batch at a time), without gradients."""
     with torch.no_grad():
+        if isinstance(x, Rows):
+            return torch.cat([module(torch.from_numpy(xb).to(device)) for xb in x.batches(batch)])
         return torch.cat([module(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def _accuracy(module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024, tap=None) -> float:
-    if len(x) == 0:
+def labelled(rows: Rows, module: torch.nn.Module, device: torch.device) -> Rows:
+    """``rows`` with labels: their own, or the frozen model's predictions (a copy of the few selection rows)."""
+    if rows.labels is not None:
+        return rows
+    out = rows.subset(np.arange(len(rows)))
+    out.labels = predict(module, rows, device=device).argmax(1).cpu().numpy().astype(np.int64)
+    return out
+
+
+def _accuracy(module, rows: Rows, device, batch: int = 1024, tap=None, dist: "Dist | None" = None) -> float:
+    """Top-1 (percent) on labelled ``rows``; with several processes each reads its share, predictions gathered."""
+    if len(rows) == 0:
         return 0.0
+    idx = np.arange(len(rows))
+    if dist is not None:
+        idx = np.array_split(idx, dist.world)[dist.rank]
     with torch.no_grad():
         pred = []
-        for i in range(0, len(x), batch):
-            pred.append(module(x[i:i + batch]).argmax(1))
+        for i in range(0, len(idx), batch):
+            pred.append(module(torch.from_numpy(rows.take(idx[i:i + batch])).to(device)).argmax(1))
             if tap is not None:
                 tap.take()
-        pred = torch.cat(pred)
+        pred = torch.cat(pred) if pred else torch.zeros(0, dtype=torch.long, device=device)
+    if dist is not None:
+        pred = dist.gather_rows(pred)
+    y = torch.from_numpy(rows.labels).to(pred.device)
     return float((pred == y).float().mean() * 100)
 
 
@@ -321,7 +357,10 @@ def feature_loss(masked_feats: list[torch.Tensor], teacher_feats: list[torch.Ten
 
 
 def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: MaskConfig,
-               seed: int, device: torch.device, progress: bool = True) -> MaskResult:
+               seed: int, device: torch.device, progress: bool = True, workers: int = 0,
+               dist: "Dist | None" = None) -> MaskResult:
+    """The mask (module docstring). ``workers``: DataLoader processes reading rows; ``dist``: data-parallel
+    learning across processes (``mapc.distributed``), every rank returning the same mask."""
     import contextlib
 
     from tqdm import tqdm
@@ -330,56 +369,64 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
 
     tap_ctx = BatchNormTap(module) if cfg.feature_weight > 0 else contextlib.nullcontext()
     with tap_ctx as tap:
-        return _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm)
+        return _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm, workers, dist)
 
 
-def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm) -> MaskResult:
+def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm, workers, dist) -> MaskResult:
     """The learning loop as a list of named steps; every random draw comes from one seeded generator."""
+    from .loader import Shard, step_loader
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     masked = prepare(module, maskable_names(module, num_classes, cfg), cfg, device)
     if cfg.keep_salient:
-        lock_salient(module, masked, data, cfg.keep_salient, rng, device)
+        lock_salient(module, masked, data, cfg.keep_salient, rng, device, dist)
     opt, sched = make_optimizer(masked, cfg)
-    selector = CheckpointSelector(module, data, cfg, tap)
+    selector = CheckpointSelector(module, data, cfg, tap, device, dist)
     history = selector.history
     t0 = time.perf_counter()
     ramp = max(1, min(cfg.ramp_steps, cfg.steps // 3))
     hard = cfg.hard_keep or 1            # unresolved (None): off
+    shard = Shard(dist.rank, dist.world) if dist is not None else Shard()
+    loader = step_loader([data.auth, *data.unauth], [cfg.batch_size * hard] + [cfg.batch_size] * len(data.unauth),
+                         cfg.steps, rng, device, workers, shard, sharded=[hard == 1] + [True] * len(data.unauth))
+    rows_per_step = cfg.batch_size * (1 + len(data.unauth))
     try:
         bar = tqdm(range(cfg.steps), desc="mask", file=sys.stderr, disable=not progress, leave=False,
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
-        for step in bar:
+        for step, parts in zip(bar, loader):
             lam = cfg.target_weight * min(1.0, (step + 1) / ramp)
-            batch = draw_batch(data, cfg.batch_size, rng, device, cfg.batch_size * hard)
+            batch = frozen_batch(module, masked, parts, device, dist, auth_sharded=hard == 1)
             if hard > 1:
-                batch = hardest_authorized(module, masked, batch, cfg.batch_size)
+                batch = hardest_authorized(module, masked, batch, cfg.batch_size, shard)
             teacher_feats = teacher_features(module, masked, batch.auth_x, tap)
             apply_masks(masked)
-            logits = module(torch.cat([batch.auth_x, *batch.unauth_x]))
+            local = module(torch.cat([batch.auth_x, *batch.unauth_x]))
+            logits = gathered_logits(local, batch, dist)
             masked_feats = [x for x, _, _ in tap.take()] if tap is not None else None
             loss_src, loss_tgt = step_loss(logits, batch, cfg, num_classes, masked_feats, teacher_feats,
                                            data.unauth_weights)
-            optimizer_step(opt, sched, cfg.source_weight * loss_src + lam * loss_tgt, masked, cfg)
+            optimizer_step(opt, sched, cfg.source_weight * loss_src + lam * loss_tgt, masked, cfg,
+                           local, logits, batch, dist)
             if step >= ramp and (step % cfg.eval_every == 0 or step == cfg.steps - 1):
                 selector.checkpoint(step, masked)
             if step % 20 == 0 or step == cfg.steps - 1:
                 record = progress_record(step, lam, loss_src, loss_tgt, logits, batch, masked, cfg)
                 history.append(record)
-                bar.set_postfix(src=f"{record['loss_source']:.3f}", tgt=f"{record['loss_target']:.3f}",
-                                kept=f"{record['kept']:.3f}", refresh=False)
+                rate = rows_per_step * (step + 1) / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix({"img/s": f"{rate:.0f}", "src": f"{record['loss_source']:.3f}",
+                                 "tgt": f"{record['loss_target']:.3f}", "kept": f"{record['kept']:.3f}"}, refresh=False)
         masks = final_masks(masked, selector.chosen(masked), cfg.granularity)
     finally:
         restore(masked)
-    return MaskResult(masks, cfg.granularity, history, time.perf_counter() - t0,
-                      selected_step=selector.selected_step(cfg.steps))
+    seconds = time.perf_counter() - t0
+    return MaskResult(masks, cfg.granularity, history, seconds, selected_step=selector.selected_step(cfg.steps),
+                      images_per_second=rows_per_step * cfg.steps / max(seconds, 1e-9))
 
 
-def lock_salient(module, masked: list[MaskedParam], data: TrainData, fraction: float, rng, device) -> None:
+def lock_salient(module, masked: list[MaskedParam], data: TrainData, fraction: float, rng, device, dist=None) -> None:
     """Lock, per tensor, the ``fraction`` of entries most salient for the authorized rows (never pruned)."""
-    rows = torch.from_numpy(rng.permutation(len(data.auth_x))[:SALIENCY_ROWS]).to(device)
-    labels = data.auth_y if data.auth_y is not None else data.auth_teacher.argmax(1)
-    for m, sal in zip(masked, saliency(module, masked, data.auth_x[rows], labels[rows])):
+    rows = rng.permutation(len(data.auth))[:SALIENCY_ROWS]
+    for m, sal in zip(masked, saliency(module, masked, data.auth, rows, device, dist=dist)):
         m.lock = top_fraction(sal, fraction)
 
 
@@ -394,8 +441,9 @@ def make_optimizer(masked: list[MaskedParam], cfg: MaskConfig):
 
 @dataclass
 class Batch:
-    """One step's rows: an authorized batch (with the frozen model's log-probabilities) and one batch per
-    unauthorized domain."""
+    """One step's rows: this process's authorized and unauthorized rows (x), and for the global batch the
+    labels (given, or the frozen model's predictions) and the frozen model's log-probabilities on the
+    authorized rows (``teacher``). In one process local and global are the same rows."""
     auth_x: torch.Tensor
     auth_y: torch.Tensor             # labels, or the frozen model's predictions without them
     auth_y_given: torch.Tensor | None
@@ -403,30 +451,55 @@ class Batch:
     unauth_x: list[torch.Tensor]
     unauth_y: list[torch.Tensor]
 
-
-def draw_batch(data: TrainData, bs: int, rng, device, auth_bs: int | None = None) -> Batch:
-    """``auth_bs`` (default ``bs``) authorized rows and ``bs`` rows of each unauthorized domain."""
-    ia = torch.from_numpy(rng.integers(0, len(data.auth_x), auth_bs or bs)).to(device)
-    ux, uy = [], []
-    for x, y in data.unauth:
-        iu = torch.from_numpy(rng.integers(0, len(x), bs)).to(device)
-        ux.append(x[iu])
-        uy.append(y[iu])
-    given = data.auth_y[ia] if data.auth_y is not None else None
-    teacher = data.auth_teacher[ia]
-    return Batch(data.auth_x[ia], given if given is not None else teacher.argmax(1), given, teacher, ux, uy)
+    def shares(self) -> list[int]:
+        return [len(self.auth_x), *(len(x) for x in self.unauth_x)]
 
 
 @torch.no_grad()
-def hardest_authorized(module, masked: list[MaskedParam], batch: Batch, bs: int) -> Batch:
+def frozen_batch(module, masked: list[MaskedParam], parts, device, dist=None, auth_sharded: bool = True) -> Batch:
+    """The loader's rows on the device, with the frozen model's log-probabilities on the authorized rows and its
+    predictions standing in for missing labels (one forward of the unmasked model). ``auth_sharded`` False:
+    every process holds all authorized rows (hard-row candidates), nothing of them to gather."""
+    xs = [x.to(device, non_blocking=True) for x, _ in parts]
+    restore_values(masked)
+    need = [0] + [k for k, (_, y) in enumerate(parts) if k > 0 and y is None]
+    out = module(torch.cat([xs[k] for k in need]))
+    frozen, start = {}, 0
+    for k in need:
+        frozen[k] = out[start:start + len(xs[k])]
+        start += len(xs[k])
+    teacher = F.log_softmax(frozen[0], 1)
+    ys = [y.to(device) if y is not None else frozen[k].argmax(1) for k, (_, y) in enumerate(parts)]
+    if dist is not None:   # labels and teacher of the global batch (the x stay local)
+        shares = [len(x) for x in xs]
+        if auth_sharded:
+            teacher = dist.gather_segments(teacher, shares[:1])
+        ys = [y if k == 0 and not auth_sharded else dist.gather_segments(y, [n])
+              for k, (y, n) in enumerate(zip(ys, shares))]
+    given = ys[0] if parts[0][1] is not None else None
+    return Batch(xs[0], ys[0] if given is not None else teacher.argmax(1), given, teacher, xs[1:], ys[1:])
+
+
+@torch.no_grad()
+def hardest_authorized(module, masked: list[MaskedParam], batch: Batch, bs: int, shard=None) -> Batch:
     """Keep the ``bs`` authorized rows on which the current mask departs most from the frozen model
-    (largest KL(f_s || f_M)); the unauthorized rows are unchanged."""
+    (largest KL(f_s || f_M)); the unauthorized rows are unchanged. Every process holds all candidates
+    (they are not sharded) and keeps its share of the chosen rows."""
     apply_masks(masked)
     t = batch.teacher
     kl = (t.exp() * (t - F.log_softmax(module(batch.auth_x), 1))).sum(1)
     idx = torch.topk(kl, bs).indices
     given = batch.auth_y_given[idx] if batch.auth_y_given is not None else None
-    return Batch(batch.auth_x[idx], batch.auth_y[idx], given, t[idx], batch.unauth_x, batch.unauth_y)
+    mine = idx[shard.part(bs)] if shard is not None else idx
+    return Batch(batch.auth_x[mine], batch.auth_y[idx], given, t[idx], batch.unauth_x, batch.unauth_y)
+
+
+def gathered_logits(local: torch.Tensor, batch: Batch, dist) -> torch.Tensor:
+    """The global batch's masked logits: ``local`` itself in one process; otherwise every rank's rows gathered
+    (detached: ``optimizer_step`` carries the loss's gradient back to this rank's rows)."""
+    if dist is None:
+        return local
+    return dist.gather_segments(local.detach(), batch.shares()).requires_grad_(True)
 
 
 def teacher_features(module, masked: list[MaskedParam], x: torch.Tensor, tap) -> list[torch.Tensor] | None:
@@ -455,7 +528,7 @@ def unauthorized_loss(zu: torch.Tensor, yu: torch.Tensor, cfg: MaskConfig, num_c
 def step_loss(logits: torch.Tensor, batch: Batch, cfg: MaskConfig, num_classes: int,
               masked_feats, teacher_feats, fixed_weights: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(source loss, target loss) of one step; the caller weighs them with source_weight and lambda(t)."""
-    bs = len(batch.auth_x)
+    bs = len(batch.teacher)
     za = logits[:bs]
     loss_src = cfg.kl_weight * F.kl_div(F.log_softmax(za, 1), batch.teacher, log_target=True, reduction="batchmean")
     if batch.auth_y_given is not None:
@@ -477,11 +550,18 @@ def step_loss(logits: torch.Tensor, batch: Batch, cfg: MaskConfig, num_classes: 
     return loss_src, (per_domain * weights).mean()
 
 
-def optimizer_step(opt, sched, loss: torch.Tensor, masked: list[MaskedParam], cfg: MaskConfig) -> None:
-    """Backpropagate to the effective weights, chain to the scores, RMS-normalise (sgd), step."""
+def optimizer_step(opt, sched, loss: torch.Tensor, masked: list[MaskedParam], cfg: MaskConfig,
+                   local=None, logits=None, batch: Batch | None = None, dist=None) -> None:
+    """Backpropagate to the effective weights, chain to the scores, RMS-normalise (sgd), step. With several
+    processes the loss's gradient on the gathered logits goes back through this rank's rows only, and the
+    score gradients are summed over ranks (``mapc.distributed``)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if dist is not None:
+        local.backward(dist.local_part(logits.grad, batch.shares()))
     backprop_scores(masked, cfg.temperature)
+    if dist is not None:
+        dist.sum_([m.score.grad for m in masked])
     if cfg.optimizer == "sgd":
         for m in masked:
             m.score.grad /= m.score.grad.pow(2).mean().sqrt() + 1e-12
@@ -496,20 +576,24 @@ class CheckpointSelector:
     Without validation rows (tiny data) nothing is selected and the last mask is returned.
     """
 
-    def __init__(self, module, data: TrainData, cfg: MaskConfig, tap):
+    def __init__(self, module, data: TrainData, cfg: MaskConfig, tap, device, dist=None):
         self.module, self.data, self.cfg, self.tap = module, data, cfg, tap
+        self.device, self.dist = device, dist
         self.history: list[dict] = []
         self.best = None   # (key, step, masks)
         self.base_val = None
-        if data.val_auth is not None and len(data.val_auth[0]) > 0:
-            self.base_val = _accuracy(module, *data.val_auth, tap=tap)
+        if data.val_auth is not None and len(data.val_auth) > 0:
+            self.base_val = self.accuracy(data.val_auth)
+
+    def accuracy(self, rows: Rows) -> float:
+        return _accuracy(self.module, rows, self.device, tap=self.tap, dist=self.dist)
 
     def checkpoint(self, step: int, masked: list[MaskedParam]) -> None:
         if self.base_val is None:
             return
         apply_masks(masked)
-        drop = self.base_val - _accuracy(self.module, *self.data.val_auth, tap=self.tap)
-        accs = [_accuracy(self.module, x, y, tap=self.tap) for x, y in self.data.val_unauth]
+        drop = self.base_val - self.accuracy(self.data.val_auth)
+        accs = [self.accuracy(rows) for rows in self.data.val_unauth]
         key = selection_key(drop, accs, self.cfg.source_budget)
         self.history.append({"step": step, "val_source_drop": drop, "val_unauthorized_acc": accs})
         if self.best is None or key < self.best[0]:
@@ -524,7 +608,7 @@ class CheckpointSelector:
 
 @torch.no_grad()
 def progress_record(step: int, lam: float, loss_src, loss_tgt, logits, batch: Batch, masked, cfg) -> dict:
-    bs = len(batch.auth_x)
+    bs = len(batch.auth_y)
     kept = sum(float(m.mask().sum()) for m in masked) / sum(
         m.original.numel() if cfg.granularity == "weight" else m.score.numel() for m in masked)
     acc_a = float((logits[:bs].argmax(1) == batch.auth_y).float().mean())
@@ -544,7 +628,7 @@ def final_masks(masked: list[MaskedParam], chosen: dict[str, torch.Tensor], gran
     return out
 
 
-def masked_forward(module: torch.nn.Module, masks: dict[str, np.ndarray], x: np.ndarray,
+def masked_forward(module: torch.nn.Module, masks: dict[str, np.ndarray], x: "np.ndarray | Rows",
                    batch: int = 512) -> np.ndarray:
     """Logits of the masked model (parity reference for the artifact); weights restored afterwards."""
     params = dict(module.named_parameters())
@@ -554,7 +638,7 @@ def masked_forward(module: torch.nn.Module, masks: dict[str, np.ndarray], x: np.
             for n, m in masks.items():
                 params[n].copy_(saved[n] * torch.from_numpy(m).to(saved[n].dtype).to(saved[n].device))
             dev = next(module.parameters()).device
-            out = [module(torch.from_numpy(x[i:i + batch]).to(dev)).cpu() for i in range(0, len(x), batch)]
+            out = [module(torch.from_numpy(xb).to(dev)).cpu() for xb in batches_of(x, batch)]
     finally:
         with torch.no_grad():
             for n in masks:

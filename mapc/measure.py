@@ -23,7 +23,7 @@ protected (and original) logits of the test rows:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnxruntime as ort
@@ -31,41 +31,49 @@ import onnxruntime as ort
 from .datasets import Domain
 from .errors import UserError
 from .evaluate import accuracy, check_input_fits, run_logits, st_d, wilson_interval
-from .preprocess import Preprocess, apply
+from .preprocess import Preprocess
 from .probe import probe_accuracy
+from .rows import ImageRows, Rows, batches_of, row_shape
 
 EXAMPLES_PER_DOMAIN = 6
 PROBE_FRACTIONS = {"1%": 0.01, "10%": 0.10}   # labelled train rows the attacker holds; the gate reads the largest
 PROBE_SEED = 0
+BATCH = 512             # rows read, preprocessed and run per onnxruntime call
 
 
 @dataclass
 class MeasuredRows:
-    """A domain's measured rows, preprocessed once."""
+    """A domain's measured rows: model input read and preprocessed a batch at a time (``mapc.rows``)."""
     name: str
     role: str                      # "authorized" | "unauthorized"
     path: str
-    images: np.ndarray             # uint8 rows (for the report's example images)
-    x: np.ndarray                  # float32 NCHW model input
+    images: np.ndarray             # the first uint8 rows (the report's example images)
+    x: Rows | np.ndarray           # float32 NCHW model input
     labels: np.ndarray | None      # None: unlabelled
     has_split: bool
-    probe_x: np.ndarray | None = None        # labelled train rows an attacker could hold (unauthorized only)
+    probe_x: Rows | np.ndarray | None = None   # labelled train rows an attacker could hold (unauthorized only)
     probe_y: np.ndarray | None = None
 
     @classmethod
-    def test_rows(cls, d: Domain, role: str, pre: Preprocess, train_x: np.ndarray | None = None) -> "MeasuredRows":
+    def test_rows(cls, d: Domain, role: str, pre: Preprocess) -> "MeasuredRows":
         """The domain's test rows; unauthorized labelled domains with a split also carry their train rows for the
-        probe (``train_x``: those rows already preprocessed, when the caller has them)."""
+        probe."""
         rows = d.rows("test")
         if len(rows) == 0:
             raise UserError(f"{d.path}: domain {d.name!r} has no test rows in 'split'")
         train = d.rows("train") if d.has_split else np.array([], np.int64)
         probe = role == "unauthorized" and d.labels is not None and len(train) > 0
-        if probe and train_x is None:
-            train_x = apply(pre, d.images[train])
-        return cls(d.name, role, d.path, d.images[rows], apply(pre, d.images[rows]),
-                   None if d.labels is None else d.labels[rows], d.has_split,
-                   train_x if probe else None, d.labels[train] if probe else None)
+        labels = None if d.labels is None else d.labels[rows]
+        return cls(d.name, role, d.path, np.asarray(d.images[rows[:EXAMPLES_PER_DOMAIN]]),
+                   ImageRows(d.images, rows, labels, pre), labels, d.has_split,
+                   ImageRows(d.images, train, d.labels[train], pre) if probe else None,
+                   d.labels[train] if probe else None)
+
+    def in_memory(self) -> "MeasuredRows":
+        """The same rows with the model input read into memory (``mapc attack`` trains on them repeatedly)."""
+        def load(x):
+            return x.materialize() if isinstance(x, Rows) else x
+        return replace(self, x=load(self.x), probe_x=load(self.probe_x))
 
 
 @dataclass
@@ -85,12 +93,29 @@ class Measurement:
 
 
 def _logits(sess: ort.InferenceSession, m: MeasuredRows, what: str) -> np.ndarray:
-    check_input_fits(sess, m.x, f"{m.path} (domain {m.name!r}{', ' + what if what else ''})")
-    out = run_logits(sess, m.x)
-    if not np.isfinite(out).all():
-        raise UserError(f"the {what or 'artifact'} outputs NaN or infinite logits on {m.path}; it is unusable on "
-                        f"these rows (check the model and its preprocessing)")
-    return out
+    return _logits_pair(sess, None, m)[0] if what == "" else _logits_pair(None, sess, m)[1]
+
+
+def _logits_pair(protected: ort.InferenceSession | None, original: ort.InferenceSession | None,
+                 m: MeasuredRows) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Both sessions' logits on ``m.x``, each batch read once (``None`` for a session not given)."""
+    shape = row_shape(m.x)
+    sessions = {"": protected, "original": original}
+    for what, sess in sessions.items():
+        if sess is not None:
+            check_input_fits(sess, shape, f"{m.path} (domain {m.name!r}{', ' + what if what else ''})")
+    outs = {what: [] for what, sess in sessions.items() if sess is not None}
+    for xb in batches_of(m.x, BATCH):
+        for what in outs:
+            outs[what].append(run_logits(sessions[what], xb))
+    result = {}
+    for what, parts in outs.items():
+        out = np.concatenate(parts)
+        if not np.isfinite(out).all():
+            raise UserError(f"the {what or 'artifact'} outputs NaN or infinite logits on {m.path}; it is unusable on "
+                            f"these rows (check the model and its preprocessing)")
+        result[what] = out
+    return result.get(""), result.get("original")
 
 
 def measure_domains(protected: ort.InferenceSession, rows: list[MeasuredRows],
@@ -98,8 +123,7 @@ def measure_domains(protected: ort.InferenceSession, rows: list[MeasuredRows],
     """Top-1 of ``protected`` (and ``original``) on every domain's rows; see the module docstring."""
     out = Measurement({})
     for m in rows:
-        lp = _logits(protected, m, "")
-        lo = _logits(original, m, "original") if original is not None else None
+        lp, lo = _logits_pair(protected, original, m)
         if m.labels is not None:
             labels, label_source = m.labels, "given"
         elif lo is not None:
@@ -137,10 +161,11 @@ def probe_entry(m: MeasuredRows, labels: np.ndarray, lp: np.ndarray, protected: 
         return {"probe": None, "probe_skipped": why}
     num_classes = lp.shape[1]
     figures = {"protected": {}, "k": {}}
-    train = {"protected": _logits(protected, _train_view(m), "")}
+    lpt, lot = _logits_pair(protected, original, _train_view(m))
+    train = {"protected": lpt}
     if original is not None:
         figures["original"] = {}
-        train["original"] = _logits(original, _train_view(m), "original")
+        train["original"] = lot
     test = {"protected": lp, "original": lo}
     for label, fraction in PROBE_FRACTIONS.items():
         for which, z in train.items():

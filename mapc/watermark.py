@@ -112,9 +112,11 @@ def controls(key: bytes, purpose: str, n: int, shape: tuple[int, int, int]) -> l
     return [trigger(derived_key(key, purpose, i), shape) for i in range(n)]
 
 
-def stamp_with_controls(x: np.ndarray, patterns: list[np.ndarray], mean, std) -> np.ndarray:
-    """Row i stamped with pattern i mod len(patterns)."""
-    deltas = np.stack([patterns[i % len(patterns)] for i in range(len(x))])
+def stamp_with_controls(x: np.ndarray, patterns: list[np.ndarray], mean, std,
+                        positions: np.ndarray | None = None) -> np.ndarray:
+    """Row i (at position ``positions[i]``, default i) stamped with pattern position mod len(patterns)."""
+    positions = range(len(x)) if positions is None else positions
+    deltas = np.stack([patterns[int(i) % len(patterns)] for i in positions])
     return stamp(x, deltas, mean, std)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from mapc.config import MaskConfig
 from mapc.masking import TrainData, learn_mask, maskable_names, masked_forward
 from mapc.models import load_model
+from mapc.rows import ArrayRows
 from tests.tiny_models import plain, residual
 
 CFG = MaskConfig(steps=40, batch_size=16, eval_every=10, val_rows=32)
@@ -22,7 +23,11 @@ def toy_data(module, seed=0):
         ta = F.log_softmax(module(xa), 1)
         yu = module(xu).argmax(1)
     ya = ta.argmax(1)
-    return TrainData(xa[:64], ya[:64], ta[:64], [(xu[:64], yu[:64])], (xa[64:], ya[64:]), [(xu[64:], yu[64:])])
+    return TrainData(rows(xa[:64], ya[:64]), [rows(xu[:64], yu[:64])], rows(xa[64:], ya[64:]), [rows(xu[64:], yu[64:])])
+
+
+def rows(x, y=None):
+    return ArrayRows(x.numpy(), None if y is None else y.numpy())
 
 
 def snapshot(module):
@@ -94,10 +99,8 @@ def test_tiny_data_without_validation_rows_still_learns():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 3, 16, 16, generator=g)
     y = torch.tensor([0, 1, 2])
-    empty = (x[:0], y[:0])
-    with torch.no_grad():
-        t = F.log_softmax(m(x), 1)
-    res = learn_mask(m, TrainData(x, y, t, [(x + 1, y)], empty, [empty]), 10, MaskConfig(steps=10), 0,
+    empty = rows(x[:0], y[:0])
+    res = learn_mask(m, TrainData(rows(x, y), [rows(x + 1, y)], empty, [empty]), 10, MaskConfig(steps=10), 0,
                      torch.device("cpu"), progress=False)
     assert res.selected_step == 9 and all(set(np.unique(v)) <= {0, 1} for v in res.masks.values())
 
@@ -111,7 +114,7 @@ def test_salient_weights_are_locked_and_never_pruned(granularity):
     cfg = MaskConfig(steps=40, batch_size=16, eval_every=10, val_rows=32, granularity=granularity)
     masked = prepare(m, names, cfg, torch.device("cpu"))
     try:
-        sal = saliency(m, masked, data.auth_x, data.auth_y)
+        sal = saliency(m, masked, data.auth, np.arange(len(data.auth)), torch.device("cpu"))
     finally:
         restore(masked)
     locks = {mp.name: top_fraction(s, 0.5) for mp, s in zip(masked, sal)}
