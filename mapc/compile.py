@@ -38,11 +38,12 @@ from .gates import evaluate_gates
 from .masking import MaskResult, TrainData, labelled, learn_mask, masked_forward, split_validation
 from .measure import Measurement, MeasuredRows, measure_domains
 from .models import LoadedModel, load_model
-from .rows import ArrayRows, Concat, ImageRows, Mapped, Rows, cached
+from .rows import ArrayRows, Concat, ImageRows, Mapped, Rows, cached, rows_per_batch
 from .synthesis import to_uint8_images
 from .report import REPORT_SCHEMA_VERSION, report_files, report_header, verdict
 
 ARTIFACT = "protected.onnx"
+LATENCY_BATCH = 256      # rows per latency run (fewer for large inputs; the report records the batch)
 REPORT = "report.json"
 
 
@@ -175,7 +176,7 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
     if dist is not None and not dist.is_main:
         return None
     built = build_artifact(cfg, prepared, learned, clock)
-    measured = measure(cfg, prepared, learned, built, clock)
+    measured = measure(cfg, prepared, learned, built, clock, progress)
     report = build_report(cfg, prepared, learned, built, measured, clock)
     return write_outdir(Path(outdir), report, built, measured, learned, cfg, external_threshold)
 
@@ -377,12 +378,14 @@ def build_artifact(cfg: CompileConfig, p: Prepared, learned: Learned, clock: Clo
     return Built(protected, baseline, records)
 
 
-def measure(cfg: CompileConfig, p: Prepared, learned: Learned, built: Built, clock: Clock) -> Measured:
+def measure(cfg: CompileConfig, p: Prepared, learned: Learned, built: Built, clock: Clock,
+            progress: bool = False) -> Measured:
     """Test rows through onnxruntime (one path with verify), parity with the masked torch model, latency."""
     ort_device = "cuda" if p.device.type == "cuda" else "cpu"
     with clock("validate_seconds"):
         s_orig, s_prot = session(built.baseline, ort_device), session(built.protected, ort_device)
-        measurement = measure_domains(s_prot, [s.test for s in p.splits.values()], original=s_orig)
+        measurement = measure_domains(s_prot, [s.test for s in p.splits.values()], original=s_orig,
+                                      progress=progress)
         ownership = None
         if p.watermark_key is not None:
             from .watermark import measure_ownership
@@ -390,9 +393,10 @@ def measure(cfg: CompileConfig, p: Prepared, learned: Learned, built: Built, clo
             ownership = measure_ownership(lambda x: run_logits(s_prot, x), auth.x, auth.labels, p.watermark_key,
                                           cfg.preprocess)
         parity = torch_parity(p.loaded.module, learned.result.masks, p.splits, measurement)
-    lat_o, lat_p = latency_pair_ms(s_orig, s_prot, (256, *cfg.preprocess.input_shape))
+    batch = rows_per_batch(cfg.preprocess.input_shape, LATENCY_BATCH)
+    lat_o, lat_p = latency_pair_ms(s_orig, s_prot, (batch, *cfg.preprocess.input_shape))
     return Measured(measurement, s_prot.get_providers(), parity,
-                    {"original": lat_o, "protected": lat_p, "ratio": lat_p / lat_o}, ownership)
+                    {"original": lat_o, "protected": lat_p, "ratio": lat_p / lat_o, "batch": batch}, ownership)
 
 
 def torch_parity(module: torch.nn.Module, masks: dict[str, np.ndarray], splits: dict[str, Split],

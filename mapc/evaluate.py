@@ -111,7 +111,8 @@ def st_d(source_drop: float, target_drop: float) -> float | None:
 def latency_pair_ms(a: ort.InferenceSession, b: ort.InferenceSession, shape: tuple[int, ...],
                     repeats: int = 20) -> tuple[float, float]:
     """Median latency of two sessions on the same input, runs interleaved (a, b, a, b, ...) so that
-    machine noise and frequency drift hit both alike. Milliseconds."""
+    machine noise and frequency drift hit both alike. Milliseconds. ``shape[0]`` is the batch (callers cap
+    it for large inputs: ``mapc.rows.rows_per_batch``)."""
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     feeds = [(s, {s.get_inputs()[0].name: x}) for s in (a, b)]
     for s, f in feeds:

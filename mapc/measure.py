@@ -23,6 +23,7 @@ protected (and original) logits of the test rows:
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -32,13 +33,13 @@ from .datasets import Domain
 from .errors import UserError
 from .evaluate import accuracy, check_input_fits, run_logits, st_d, wilson_interval
 from .preprocess import Preprocess
-from .probe import probe_accuracy
+from .probe import probe_accuracy, probe_draws
 from .rows import ImageRows, Rows, batches_of, row_shape
 
 EXAMPLES_PER_DOMAIN = 6
 PROBE_FRACTIONS = {"1%": 0.01, "10%": 0.10}   # labelled train rows the attacker holds; the gate reads the largest
 PROBE_SEED = 0
-BATCH = 512             # rows read, preprocessed and run per onnxruntime call
+BATCH = 512             # rows read, preprocessed and run per onnxruntime call (fewer for large rows)
 
 
 @dataclass
@@ -92,22 +93,23 @@ class Measurement:
         return max((e["protected_acc"] for e in self.domains.values() if e["role"] == "unauthorized"), default=None)
 
 
-def _logits(sess: ort.InferenceSession, m: MeasuredRows, what: str) -> np.ndarray:
-    return _logits_pair(sess, None, m)[0] if what == "" else _logits_pair(None, sess, m)[1]
-
-
 def _logits_pair(protected: ort.InferenceSession | None, original: ort.InferenceSession | None,
-                 m: MeasuredRows) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Both sessions' logits on ``m.x``, each batch read once (``None`` for a session not given)."""
+                 m: MeasuredRows, progress: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Both sessions' logits on ``m.x``, each batch read once (``None`` for a session not given); a progress bar
+    in images/s on stderr with ``progress``."""
+    from tqdm import tqdm
     shape = row_shape(m.x)
     sessions = {"": protected, "original": original}
     for what, sess in sessions.items():
         if sess is not None:
             check_input_fits(sess, shape, f"{m.path} (domain {m.name!r}{', ' + what if what else ''})")
     outs = {what: [] for what, sess in sessions.items() if sess is not None}
-    for xb in batches_of(m.x, BATCH):
-        for what in outs:
-            outs[what].append(run_logits(sessions[what], xb))
+    with tqdm(total=len(m.x), desc=f"measure {m.name}", unit="img", file=sys.stderr, leave=False,
+              disable=not progress, mininterval=0.5 if sys.stderr.isatty() else 10.0) as bar:
+        for xb in batches_of(m.x, BATCH):
+            for what in outs:
+                outs[what].append(run_logits(sessions[what], xb))
+            bar.update(len(xb))
     result = {}
     for what, parts in outs.items():
         out = np.concatenate(parts)
@@ -119,11 +121,11 @@ def _logits_pair(protected: ort.InferenceSession | None, original: ort.Inference
 
 
 def measure_domains(protected: ort.InferenceSession, rows: list[MeasuredRows],
-                    original: ort.InferenceSession | None = None) -> Measurement:
+                    original: ort.InferenceSession | None = None, progress: bool = False) -> Measurement:
     """Top-1 of ``protected`` (and ``original``) on every domain's rows; see the module docstring."""
     out = Measurement({})
     for m in rows:
-        lp, lo = _logits_pair(protected, original, m)
+        lp, lo = _logits_pair(protected, original, m, progress)
         if m.labels is not None:
             labels, label_source = m.labels, "given"
         elif lo is not None:
@@ -139,7 +141,7 @@ def measure_domains(protected: ort.InferenceSession, rows: list[MeasuredRows],
             ao = accuracy(lo, labels)
             entry.update(original_acc=ao, original_ci95=wilson_interval(ao, len(labels)), drop=ao - ap)
         if m.role == "unauthorized":
-            entry.update(probe_entry(m, labels, lp, protected, original, lo))
+            entry.update(probe_entry(m, labels, lp, protected, original, lo, progress))
         out.domains[m.name] = entry
         out.logits[m.name] = lp
         k = min(EXAMPLES_PER_DOMAIN, len(labels))
@@ -153,7 +155,7 @@ def measure_domains(protected: ort.InferenceSession, rows: list[MeasuredRows],
 
 
 def probe_entry(m: MeasuredRows, labels: np.ndarray, lp: np.ndarray, protected: ort.InferenceSession,
-                original: ort.InferenceSession | None, lo: np.ndarray | None) -> dict:
+                original: ort.InferenceSession | None, lo: np.ndarray | None, progress: bool = False) -> dict:
     """The linear-probe (remap) figures of one unauthorized domain; see the module docstring."""
     if m.probe_x is None or m.labels is None:
         why = ("the domain has no labels" if m.labels is None else
@@ -161,11 +163,15 @@ def probe_entry(m: MeasuredRows, labels: np.ndarray, lp: np.ndarray, protected: 
         return {"probe": None, "probe_skipped": why}
     num_classes = lp.shape[1]
     figures = {"protected": {}, "k": {}}
-    lpt, lot = _logits_pair(protected, original, _train_view(m))
-    train = {"protected": lpt}
+    n = len(m.probe_y)
+    needed = np.unique(np.concatenate([rows for f in PROBE_FRACTIONS.values()
+                                       for rows in probe_draws(n, f, num_classes, PROBE_SEED)]))
+    view = _train_view(m, needed)           # only the rows some draw fits on are run (10 % of a large domain)
+    lpt, lot = _logits_pair(protected, original, view, progress)
+    train = {"protected": _scatter(lpt, needed, n)}
     if original is not None:
         figures["original"] = {}
-        train["original"] = lot
+        train["original"] = _scatter(lot, needed, n)
     test = {"protected": lp, "original": lo}
     for label, fraction in PROBE_FRACTIONS.items():
         for which, z in train.items():
@@ -175,5 +181,13 @@ def probe_entry(m: MeasuredRows, labels: np.ndarray, lp: np.ndarray, protected: 
     return {"probe": figures}
 
 
-def _train_view(m: MeasuredRows) -> MeasuredRows:
-    return MeasuredRows(m.name, m.role, m.path, m.images[:0], m.probe_x, m.probe_y, m.has_split)
+def _train_view(m: MeasuredRows, rows: np.ndarray) -> MeasuredRows:
+    x = m.probe_x.subset(rows) if isinstance(m.probe_x, Rows) else m.probe_x[rows]
+    return MeasuredRows(m.name, m.role, m.path, m.images[:0], x, m.probe_y[rows], m.has_split)
+
+
+def _scatter(z: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """Logits of ``rows`` placed in an ``n``-row array (NaN where no probe draw looks)."""
+    out = np.full((n, z.shape[1]), np.nan, z.dtype)
+    out[rows] = z
+    return out

@@ -38,6 +38,13 @@ def budget_size(n: int, fraction: float, num_classes: int) -> int:
     return min(n, max(num_classes, int(np.floor(fraction * n))))
 
 
+def probe_draws(n: int, fraction: float, num_classes: int, seed: int = 0, draws: int = 5) -> list[np.ndarray]:
+    """The train rows each draw of ``probe_accuracy`` fits on (callers run the model on these rows only)."""
+    k = budget_size(n, fraction, num_classes)
+    rng = np.random.default_rng(seed)
+    return [rng.choice(n, size=k, replace=False) for _ in range(draws)]
+
+
 def relabel_accuracy(pred_k: np.ndarray, labels_k: np.ndarray, pred_test: np.ndarray, test_labels: np.ndarray,
                      num_classes: int) -> float:
     """Top-1 (%) on the test rows of the best predicted-class -> label map fitted on k rows (see above)."""
@@ -59,11 +66,9 @@ def probe_accuracy(train_logits: np.ndarray, train_labels: np.ndarray, test_logi
     test_labels = np.asarray(test_labels).astype(np.int64)
     n = len(train_logits)
     k = budget_size(n, fraction, num_classes)
-    rng = np.random.default_rng(seed)
     eye = np.eye(num_classes)
     accs, alphas, relabels = [], [], []
-    for _ in range(draws):
-        rows = rng.choice(n, size=k, replace=False)
+    for rows in probe_draws(n, fraction, num_classes, seed, draws):
         zk = train_logits[rows]
         mean, std = zk.mean(0), zk.std(0)
         std = np.where(std > 1e-12, std, 1.0)

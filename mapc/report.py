@@ -19,7 +19,8 @@ checked by the tests). Every command's report starts with the same header
 
 compile adds: mode, seed, model, learning_device, learned_from, synthesis, parity
 {top1_agreement, max_abs_logit_diff, rows}, mask {granularity, pruned_fraction, density,
-selected_step, config, history}, latency_ms_batch256 {original, protected, ratio}, passes
+selected_step, images_per_second, processes, config, history}, latency_ms_batch256 {original,
+protected, ratio, batch: 256 rows, fewer for large inputs}, passes
 [{name, changed, seconds, nodes_before, nodes_after, initializer_bytes_before,
 initializer_bytes_after, details}], artifact_files.
 attack adds (mapc.attack): artifact {path, sha256}, baseline, importer {artifact|original:
@@ -123,7 +124,7 @@ def table(report: dict) -> str:
         lines.append(f"parity (artifact vs masked torch): top-1 agreement {p['top1_agreement']:.2f} %, "
                      f"max |logit diff| {p['max_abs_logit_diff']:.2e} over {p['rows']} test rows")
         lines.append(f"mask: {report['mask']['granularity']}, {report['mask']['pruned_fraction'] * 100:.1f} % pruned; "
-                     f"latency batch 256: {lat['original']:.1f} -> {lat['protected']:.1f} ms (ratio {lat['ratio']:.2f})")
+                     f"latency batch {lat.get('batch', 256)}: {lat['original']:.1f} -> {lat['protected']:.1f} ms (ratio {lat['ratio']:.2f})")
     if "attacks" in report:
         from .human_report import ATTACK_HEADER, WORST_HEADER, attack_rows, worst_rows
         lines += _aligned([ATTACK_HEADER[:-1]] + [r[:-1] for r in attack_rows(report)]) + [""]

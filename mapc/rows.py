@@ -126,6 +126,7 @@ class Concat(Rows):
         return out
 
 
+BATCH_BYTES = 16 << 20    # model input per inference batch: large images get fewer rows per batch
 CACHE_BYTES = 128 << 20   # a domain whose preprocessed rows fit in this is preprocessed once and kept
 
 
@@ -141,8 +142,18 @@ def cached(rows: Rows, budget: int = CACHE_BYTES) -> Rows:
     return ArrayRows(rows.materialize(), rows.labels)
 
 
+def rows_per_batch(x, cap: int) -> int:
+    """Rows per inference batch: at most ``cap``, and at most ``BATCH_BYTES`` of float32 input (a 3x224x224 row
+    is 0.6 MB: 27 rows; the sample's 3x32x32 rows keep the cap). Activation memory scales with it."""
+    shape = row_shape(x) if not isinstance(x, tuple) else x
+    return int(max(1, min(cap, BATCH_BYTES // max(4 * int(np.prod(shape)), 1))))
+
+
 def batches_of(x: np.ndarray | Rows, size: int) -> Iterator[np.ndarray]:
-    """Consecutive batches of an array or of ``Rows``."""
+    """Consecutive batches of an array or of ``Rows`` (``size`` rows, fewer for large rows: ``rows_per_batch``)."""
+    if len(x) == 0:
+        return
+    size = rows_per_batch(x, size)
     if isinstance(x, Rows):
         yield from x.batches(size)
     else:
@@ -150,6 +161,10 @@ def batches_of(x: np.ndarray | Rows, size: int) -> Iterator[np.ndarray]:
             yield x[i:i + size]
 
 
-def row_shape(x: np.ndarray | Rows) -> tuple[int, ...]:
-    """The shape of one row (the first row is read for ``Rows``)."""
-    return tuple(x.shape[1:]) if not isinstance(x, Rows) else tuple(x.take(np.arange(min(1, len(x)))).shape[1:])
+def row_shape(x) -> tuple[int, ...]:
+    """The shape of one row of an array, a tensor or ``Rows`` (whose first row is read once)."""
+    if not isinstance(x, Rows):
+        return tuple(x.shape[1:])
+    if getattr(x, "_row_shape", None) is None:
+        x._row_shape = tuple(x.take(np.arange(min(1, len(x)))).shape[1:])
+    return x._row_shape

@@ -2,8 +2,8 @@
 
     python samples/bench_passes.py [--granularity weight|channel] [--density 0.7]
 
-Builds a ResNet-18 (11.7 M parameters, 3x224x224, random weights and BN
-statistics), draws a random mask over every Conv/Linear weight but the
+Builds the ResNet-18 of samples/models/resnet.py (11.7 M parameters, 1,000
+classes, 3x224x224, random weights and BN statistics), draws a random mask over every Conv/Linear weight but the
 classifier, exports it, runs the default pipeline and prints per-pass
 seconds, node counts and initializer bytes, then the onnxruntime latency of
 the optimised original and of the artifact at batch 8. Figures are printed,
@@ -12,49 +12,20 @@ never asserted.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-import passes
-from mapc.evaluate import latency_pair_ms, session
-from mapc.export import export_onnx
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (x if self.down is None else self.down(x)))
-
-
-class ResNet18(nn.Module):
-    def __init__(self, num_classes=1000):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        layers, cin = [], 64
-        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-            layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
-            cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x):
-        x = nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        return self.fc(self.layers(x).mean(dim=(2, 3)))
+import passes  # noqa: E402
+from mapc.evaluate import latency_pair_ms, session  # noqa: E402
+from mapc.export import export_onnx  # noqa: E402
+from samples.models.resnet import resnet18  # noqa: E402
 
 
 def main() -> None:
@@ -64,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = ResNet18().eval()
+    model = resnet18(1000).eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
