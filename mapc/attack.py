@@ -122,25 +122,34 @@ class Victim:
     def accuracy_of(self, net: OnnxModule, domains: list[AttackDomain]) -> dict[str, float | None]:
         """Top-1 of trained weights on each domain's test rows, by onnxruntime over the written-back graph;
         None where the attacked model's logits are not finite (the attack diverged)."""
-        s = session(write_back(self.model, net), self.provider)
+        attacked = write_back(self.model, net)
+        s = session(attacked, self.provider)
         out = {d.name: finite_accuracy(run_logits(s, d.rows.x), d.rows.labels) for d in domains}
         if self.owner is not None:
-            out[OWNERSHIP] = self.owner.test(lambda x: run_logits(s, x))
+            out[OWNERSHIP] = self.owner.test(lambda x: run_logits(s, x), attacked, self.model)
         return out
 
 
 @dataclass
 class Owner:
-    """The owner's key and labelled authorized test rows: is an attacked copy still provably the owner's?"""
+    """The owner's key and labelled authorized test rows: is an attacked copy still provably the owner's?
+
+    Two tests (README, "Ownership"): the watermark, queried through the copy's outputs, and weight provenance
+    (``mapc.provenance``), the copy's weights against the artifact's. OWNED when either holds (each at its
+    alpha, 1e-6; together at most 2e-6)."""
     key: bytes
     x: np.ndarray
     labels: np.ndarray
     pre: Preprocess
 
-    def test(self, logits) -> dict:
+    def test(self, logits, weights: onnx.ModelProto, reference: onnx.ModelProto) -> dict:
+        from .provenance import weight_provenance
         from .watermark import measure_ownership
         o = measure_ownership(logits, self.x, self.labels, self.key, self.pre)
-        return {k: o[k] for k in ("owned", "p_value", "log10_p", "effect", "key_acc", "control_acc", "clean_acc")}
+        w = weight_provenance(weights, reference)
+        out = {k: o[k] for k in ("p_value", "log10_p", "effect", "key_acc", "control_acc", "clean_acc")}
+        return {**out, "watermark_owned": o["owned"], "owned": bool(o["owned"] or w["derived"]),
+                "provenance": {k: w[k] for k in ("derived", "p_value", "log10_p", "effect", "matched", "tensors")}}
 
 
 OWNERSHIP = "_ownership"
@@ -266,8 +275,8 @@ def run_disguise(victim: Victim, d: AttackDomain, rows: np.ndarray, s: AttackSet
             moved = np.concatenate([t(_tensor(x[i:i + 512])).numpy() for i in range(0, len(x), 512)])
         return run_logits(victim.sess, moved.astype(np.float32))
     out = {"after": finite_accuracy(through_disguise(d.rows.x), d.rows.labels)}
-    if victim.owner is not None:       # the thief deploys transform + model; the owner queries that
-        out["ownership"] = victim.owner.test(through_disguise)
+    if victim.owner is not None:       # the thief deploys transform + model (its weights untouched); the owner queries that
+        out["ownership"] = victim.owner.test(through_disguise, victim.model, victim.model)
     return out
 
 
@@ -521,7 +530,9 @@ def owner_of(req: AttackRequest, domains: list[AttackDomain], pre: Preprocess) -
 def ownership_summary(rows: list[dict]) -> dict:
     """How many attacked copies of the artifact still test as owned, and the weakest one."""
     tested = [(r, r["artifact"]["ownership"]) for r in rows if "ownership" in r["artifact"]]
-    out = {"attacked_copies": len(tested), "owned": sum(o["owned"] for _, o in tested)}
+    out = {"attacked_copies": len(tested), "owned": sum(o["owned"] for _, o in tested),
+           "watermark_owned": sum(o["watermark_owned"] for _, o in tested),
+           "derived": sum(o["provenance"]["derived"] for _, o in tested)}
     if tested:
         r, o = max(tested, key=lambda t: t[1]["log10_p"])
         out["weakest"] = {"attack": r["attack"], "budget": r["budget"], "domain": r["domain"], **o}

@@ -228,10 +228,13 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
 @click.option("--ownership", "ownership_key", metavar="KEYFILE",
               help="Instead of gating: test whether ARTIFACT (a suspect model: .onnx or any format `mapc compile` "
                    "takes) carries the watermark of this key (`mapc compile --watermark`), on --authorized rows.")
+@click.option("--reference", metavar="ARTIFACT.onnx",
+              help="With --ownership: also compare the suspect's weights with the owner's artifact (weight "
+                   "provenance; survives fine-tuning and input transforms, which remove the watermark).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (then the verdict line).")
 def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle, max_source_drop, max_target_acc,
                min_target_drop, max_probe_acc, report_path, provider, input_size, channels, mean, std, ownership_key,
-               as_json):
+               reference, as_json):
     """Measure ARTIFACT with onnxruntime on labelled data and check release gates.
 
     Preprocessing is read from the artifact's sealed metadata (flags override).
@@ -243,8 +246,11 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     accuracy on labelled authorized rows stamped with the key's trigger is
     compared, row by row, with the same rows stamped with control patterns
     (an exact one-sided McNemar test); OWNED needs p < 1e-6 and the trigger
-    taking at least half of the control accuracy away. Verdict
-    `OWNED | p=...` (exit 0) or `NOT OWNED | p=...` (exit 1).
+    taking at least half of the control accuracy away. With `--reference
+    ARTIFACT.onnx` the suspect's weights are also compared with the owner's
+    artifact (correlation of matching weight tensors, Fisher z; DERIVED needs
+    p < 1e-6 and a median correlation of at least 0.5); OWNED when either test
+    holds. Verdict `OWNED | p=...` (exit 0) or `NOT OWNED | p=...` (exit 1).
 
     \b
     Example (gate a release in CI):
@@ -256,6 +262,8 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
     from .gates import validate_gates
     from .verify import VerifyGates, VerifyRequest, verify
 
+    if reference and not ownership_key:
+        raise UserError("--reference is the owner's artifact for the ownership test: use it with --ownership KEYFILE")
     if ownership_key:
         from .ownership import OwnershipRequest, ownership_report
         if unauthorized or baseline or any(v is not None for v in (max_source_drop, max_target_acc, min_target_drop,
@@ -264,7 +272,8 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
                             "--baseline and the gates (run a separate mapc verify for those)")
         req = OwnershipRequest(suspect=artifact, key_path=ownership_key,
                                authorized=parse_specs(authorized, "--authorized"), provider=provider,
-                               preprocess=(input_size, channels, mean, std), arch=arch, trust_pickle=trust_pickle)
+                               preprocess=(input_size, channels, mean, std), arch=arch, trust_pickle=trust_pickle,
+                               reference=reference)
         if report_path:
             if not str(report_path).endswith(".json"):
                 raise UserError(f"--report {report_path}: give a .json path")
@@ -285,8 +294,14 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
                        f"with the key's trigger: {o['key_acc']:.1f} %\n"
                        f"with control patterns: {o['control_acc']:.1f} %\n"
                        f"rows right under control and wrong under the key: {o['b']}; the reverse: {o['c']}")
+            w = report.get("provenance")
+            if w is not None:
+                from .provenance import format_p
+                click.echo(f"weights vs the reference artifact: {w['matched']} of {w['tensors']} tensors matched, median "
+                           f"correlation {w['effect']:.3f}, p={format_p(w['log10_p'])}: "
+                           f"{'DERIVED' if w['derived'] else 'not derived'}")
         click.echo(line)
-        sys.exit(0 if report["ownership"]["owned"] else 1)
+        sys.exit(0 if report["owned"] else 1)
     gates = VerifyGates(max_source_drop, max_target_acc, min_target_drop, max_probe_acc)
     validate_gates(gates)
     if report_path:

@@ -112,8 +112,9 @@ def attack_rows(report: dict) -> list[tuple[str, ...]]:
             detail.append(f"gain over scratch {r['gain']:+.1f}")
         if "ownership" in a:
             w = a["ownership"]
-            detail.append(f"{'OWNED' if w['owned'] else 'NOT OWNED'} p={w['p_value']} (key {w['key_acc']:.1f} / "
-                          f"control {w['control_acc']:.1f} %)")
+            detail.append(f"{'OWNED' if w['owned'] else 'NOT OWNED'}: watermark p={w['p_value']} (key "
+                          f"{w['key_acc']:.1f} / control {w['control_acc']:.1f} %), weights r="
+                          f"{w['provenance']['effect']:.2f} p={w['provenance']['p_value']}")
         out.append((r["attack"], r["budget"], str(r["k"]), r["domain"], r["data"], f"{a['before']:.1f} %",
                     _fmt(a["after"], ".1f", " %"), "-" if o is None else _fmt(o["after"], ".1f", " %"),
                     _fmt(r.get("scratch"), ".1f", " %"), "; ".join(detail) or "-"))

@@ -133,8 +133,10 @@ def table(report: dict) -> str:
         if own:
             w = own.get("weakest")
             lines.append(f"ownership after attacks: {own['owned']} of {own['attacked_copies']} attacked copies test as "
-                         f"OWNED" + (f"; weakest: {w['attack']} {w['budget']} {w['domain']}, p={w['p_value']} "
-                                     f"(key {w['key_acc']:.1f} % vs control {w['control_acc']:.1f} %)" if w else ""))
+                         f"OWNED (watermark {own['watermark_owned']}, weight provenance {own['derived']})"
+                         + (f"; weakest watermark: {w['attack']} {w['budget']} {w['domain']}, p={w['p_value']} "
+                            f"(key {w['key_acc']:.1f} % vs control {w['control_acc']:.1f} %), weights r="
+                            f"{w['provenance']['effect']:.2f}" if w else ""))
         imp = report["importer"]
         lines.append("importer vs onnxruntime: " + ", ".join(
             f"{k} max |logit diff| {v['max_abs_logit_diff']:.1e} over {v['rows']} rows" for k, v in imp.items()))
