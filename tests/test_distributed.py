@@ -47,6 +47,16 @@ def test_two_gloo_processes_learn_the_single_process_mask(tmp_path, tiny_models,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]     # no second writer, no staging left
 
 
+def test_source_free_hard_rows_with_two_processes_match_one(tmp_path, tiny_models, small_domains):
+    """Source-free learning mines hard authorized rows: every process holds all candidates, then its share."""
+    common = ["compile", str(tiny_models["residual"]["export"]), "--unauthorized", f"syn={small_domains['syn']}",
+              "--mode", "source-free", "--input-size", "16", "16", "--steps", "30", "--no-gates", "-q"]
+    runs = [run_mapc([*common, "-o", str(tmp_path / str(n)), "--nproc", str(n)]) for n in (1, 2)]
+    assert all(r.returncode == 0 for r in runs), runs[1].stderr
+    a, b = (zeros(tmp_path / str(n) / "protected.onnx") for n in (1, 2))
+    assert sum(int((a[k] != b[k]).sum()) for k in a) / sum(a[k].size for k in a) < 0.01
+
+
 def test_batch_not_divisible_by_processes_is_bad_input(tmp_path, tiny_models, small_domains):
     r = run_mapc(["compile", str(tiny_models["plain"]["export"]), "--authorized", f"mnist={small_domains['mnist']}",
                   "--unauthorized", f"syn={small_domains['syn']}", "--input-size", "16", "16", "--steps", "5",
