@@ -14,6 +14,7 @@ model's weights are identical before and after (checked).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import sys
 import time
@@ -302,16 +303,24 @@ def with_control_patterns(cfg: CompileConfig, key: bytes, auth: Rows) -> Rows:
     pre = cfg.preprocess
     patterns = controls(key, "train", TRAIN_CONTROLS, pre.input_shape)
     n = max(1, int(len(auth) * CONTROL_SHARE))
-    return Concat(auth, Mapped(auth.subset(np.arange(n)),
-                               lambda x, idx: stamp_with_controls(x, patterns, pre.mean, pre.std, positions=idx)))
+    # partial of a module-level function, not a lambda: DataLoader workers may pickle it (spawn start method)
+    stamp_controls = functools.partial(_stamp_at, stamp_with_controls, patterns, pre.mean, pre.std)
+    return Concat(auth, Mapped(auth.subset(np.arange(n)), stamp_controls))
 
 
 def stamped(cfg: CompileConfig, key: bytes, rows: Rows) -> Rows:
     """The hidden unauthorized domain: rows stamped with the key's trigger, same labels."""
     from .watermark import stamp, trigger
     pre = cfg.preprocess
-    delta = trigger(key, pre.input_shape)
-    return Mapped(rows, lambda x, idx: stamp(x, delta, pre.mean, pre.std))
+    return Mapped(rows, functools.partial(_stamp_all, stamp, trigger(key, pre.input_shape), pre.mean, pre.std))
+
+
+def _stamp_at(fn, patterns, mean, std, x, idx):
+    return fn(x, patterns, mean, std, positions=idx)
+
+
+def _stamp_all(fn, delta, mean, std, x, idx):
+    return fn(x, delta, mean, std)
 
 
 def feasibility(cfg: CompileConfig, p: Prepared, synthesis_stats: dict) -> dict:
