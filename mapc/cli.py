@@ -193,7 +193,8 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
     validate(cfg, "command line")
     from .distributed import launched
     if nproc and nproc > 1 and not launched():
-        from .launch import run
+        from .launch import check_nproc, run
+        check_nproc(nproc, cfg)
         sys.exit(run(nproc, sys.argv[1:]))
     report = compile_model(cfg, outdir, progress=not quiet)
     if report is None:             # a helper process of a data-parallel run: process 0 reports

@@ -174,8 +174,10 @@ def compile_model(cfg: CompileConfig, outdir: str | Path, progress: bool = True,
     check_output_dir(Path(outdir))
     prepared = prepare(cfg, clock, say, dist)
     learned = learn(cfg, prepared, clock, say, progress)
-    if dist is not None and not dist.is_main:
-        return None
+    if dist is not None:        # every collective is behind us
+        distributed.shutdown()
+        if not dist.is_main:
+            return None
     built = build_artifact(cfg, prepared, learned, clock)
     measured = measure(cfg, prepared, learned, built, clock, progress)
     report = build_report(cfg, prepared, learned, built, measured, clock)

@@ -116,7 +116,10 @@ def _memory_map(p: Path, member: str) -> np.ndarray | None:
     """A read-only memory map of an uncompressed (``np.savez``) member, or None when it is compressed or not a
     plain C-ordered array: then it is read into memory."""
     with zipfile.ZipFile(p) as z:
-        info = z.getinfo(member)
+        try:
+            info = z.getinfo(member)
+        except KeyError:        # the member is stored under another name (np.load still finds it)
+            return None
         if info.compress_type != zipfile.ZIP_STORED:
             return None
         with z.open(info) as f:

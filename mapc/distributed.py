@@ -61,6 +61,10 @@ class Dist:
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
+    def broadcast_(self, t: torch.Tensor) -> None:
+        """Rank 0's ``t`` into every rank's ``t`` (in place)."""
+        dist.broadcast(t, src=0)
+
     def barrier(self) -> None:
         dist.barrier()
 

@@ -35,6 +35,19 @@ def without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def check_nproc(nproc: int, cfg) -> None:
+    """Refuse before any process starts what every process would refuse later."""
+    from .errors import UserError
+    if cfg.mask.batch_size % nproc:
+        raise UserError(f"--nproc {nproc}: mask.batch_size {cfg.mask.batch_size} must be divisible by the number of "
+                        f"processes (each reads an equal share of every batch)")
+    if cfg.device == "cuda":
+        import torch
+        if torch.cuda.device_count() < nproc:
+            raise UserError(f"--nproc {nproc} with --device cuda: only {torch.cuda.device_count()} GPU(s) here, one "
+                            f"process per GPU; lower --nproc")
+
+
 def run(nproc: int, argv: list[str]) -> int:
     """Run ``mapc ARGV`` (without ``--nproc``) in ``nproc`` processes; rank 0's exit code."""
     args = [sys.executable, "-m", "mapc", *without_nproc(argv)]
@@ -64,11 +77,14 @@ def _wait(procs, logs) -> int:
     while True:
         codes = [p.poll() for p in procs]
         if codes[0] is not None and (codes[0] != 0 or all(c is not None for c in codes[1:])):
+            if codes[0] < 0:     # killed by a signal: not a gate verdict
+                sys.stderr.write(f"mapc: error: process 0 was killed by signal {-codes[0]}; nothing was written\n")
+                return 2
             return codes[0]
         failed = [r for r, c in enumerate(codes[1:], 1) if c not in (None, 0)]
         if failed and codes[0] is None:     # a helper process died: rank 0 would wait for it forever
             r = failed[0]
             logs[r - 1].seek(0)
             sys.stderr.write(logs[r - 1].read().decode(errors="replace"))
-            return codes[r]
+            return codes[r] if codes[r] > 0 else 2
         time.sleep(0.2)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import UserError
 from .rows import Rows
 
 
@@ -58,12 +59,24 @@ class StepRows(Dataset):
 
     def __getitem__(self, plan):
         out = []
-        for src, idx, sharded in zip(self.sources, plan, self.sharded):
-            if sharded:
-                idx = idx[self.shard.part(len(idx))]
-            y = None if src.labels is None else torch.from_numpy(src.labels[idx])
-            out.append((torch.from_numpy(src.take(idx)), y))
+        try:
+            for src, idx, sharded in zip(self.sources, plan, self.sharded):
+                if sharded:
+                    idx = idx[self.shard.part(len(idx))]
+                y = None if src.labels is None else torch.from_numpy(src.labels[idx])
+                out.append((torch.from_numpy(src.take(idx)), y))
+        except UserError as e:     # e.g. a file broken past its header: one line, not a worker's traceback
+            return StepError(str(e))
         return out
+
+
+@dataclass(frozen=True)
+class StepError:
+    """A bad-input error met while reading a step's rows (in a worker or not); the loop raises it."""
+    message: str
+
+    def raise_(self):
+        raise UserError(self.message)
 
 
 def _first(batch):

@@ -376,7 +376,7 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
 
 def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm, workers, dist) -> MaskResult:
     """The learning loop as a list of named steps; every random draw comes from one seeded generator."""
-    from .loader import Shard, step_loader
+    from .loader import Shard, StepError, step_loader
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     masked = prepare(module, maskable_names(module, num_classes, cfg), cfg, device)
@@ -398,13 +398,15 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm, wo
         bar = tqdm(range(cfg.steps), desc="mask", file=sys.stderr, disable=not progress, leave=False,
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
         for step, parts in zip(bar, loader):
+            if isinstance(parts, StepError):
+                parts.raise_()
             lam = cfg.target_weight * min(1.0, (step + 1) / ramp)
             batch = frozen_batch(module, masked, parts, device, dist, auth_sharded=hard == 1,
                                  unauth_sharded=hard_u == 1)
             if hard > 1:
-                batch = hardest_authorized(module, masked, batch, cfg.batch_size, shard)
+                batch = hardest_authorized(module, masked, batch, cfg.batch_size, shard, dist)
             if hard_u > 1:
-                batch = hardest_unauthorized(module, masked, batch, cfg.batch_size, shard)
+                batch = hardest_unauthorized(module, masked, batch, cfg.batch_size, shard, dist)
             teacher_feats = teacher_features(module, masked, batch.auth_x, tap)
             apply_masks(masked)
             local = module(torch.cat([batch.auth_x, *batch.unauth_x]))
@@ -489,7 +491,7 @@ def frozen_batch(module, masked: list[MaskedParam], parts, device, dist=None, au
 
 
 @torch.no_grad()
-def hardest_authorized(module, masked: list[MaskedParam], batch: Batch, bs: int, shard=None) -> Batch:
+def hardest_authorized(module, masked: list[MaskedParam], batch: Batch, bs: int, shard=None, dist=None) -> Batch:
     """Keep the ``bs`` authorized rows on which the current mask departs most from the frozen model
     (largest KL(f_s || f_M)); the unauthorized rows are unchanged. Every process holds all candidates
     (they are not sharded) and keeps its share of the chosen rows."""
@@ -497,13 +499,16 @@ def hardest_authorized(module, masked: list[MaskedParam], batch: Batch, bs: int,
     t = batch.teacher
     kl = (t.exp() * (t - F.log_softmax(module(batch.auth_x), 1))).sum(1)
     idx = torch.topk(kl, bs).indices
+    if dist is not None:     # ranks may round differently (CUDA): rank 0's choice is everyone's
+        dist.broadcast_(idx)
     given = batch.auth_y_given[idx] if batch.auth_y_given is not None else None
     mine = idx[shard.part(bs)] if shard is not None else idx
     return Batch(batch.auth_x[mine], batch.auth_y[idx], given, t[idx], batch.unauth_x, batch.unauth_y)
 
 
 @torch.no_grad()
-def hardest_unauthorized(module, masked: list[MaskedParam], batch: Batch, bs: int, shard=None) -> Batch:
+def hardest_unauthorized(module, masked: list[MaskedParam], batch: Batch, bs: int, shard=None,
+                         dist=None) -> Batch:
     """Keep, per unauthorized domain, the ``bs`` rows whose true class the current mask still ranks highest
     (largest z_y - max_{j != y} z_j): the push goes to the rows the mask has not broken yet. Every process
     holds all candidates and keeps its share of the chosen rows."""
@@ -514,6 +519,8 @@ def hardest_unauthorized(module, masked: list[MaskedParam], batch: Batch, bs: in
         zy = z.gather(1, y[:, None]).squeeze(1)
         gap = zy - z.scatter(1, y[:, None], float("-inf")).amax(1)
         idx = torch.topk(gap, bs).indices
+        if dist is not None:
+            dist.broadcast_(idx)
         mine = idx[shard.part(bs)] if shard is not None else idx
         xs.append(x[mine])
         ys.append(y[idx])

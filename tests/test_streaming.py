@@ -126,3 +126,32 @@ def test_compile_streams_an_image_folder_with_workers(tmp_path, tiny_models):
                                   "--no-gates", "--workers", "2", "-o", str(out), "-q"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert (out / "protected.onnx").exists()
+
+
+class BrokenRows(ArrayRows):
+    """Rows whose file turns out unreadable when a worker decodes it."""
+
+    def take(self, idx):
+        raise UserError("data/x.png: not a readable image (OSError: truncated); remove or fix it")
+
+
+def test_a_file_broken_past_its_header_is_one_error_line_even_in_a_worker():
+    from mapc.loader import StepError
+    rows = BrokenRows(np.zeros((8, 3, 2, 2), np.float32))
+    for workers in (0, 2):
+        first = next(iter(step_loader([rows], [4], 2, np.random.default_rng(0), torch.device("cpu"), workers)))
+        assert isinstance(first, StepError) and first.message.startswith("data/x.png")
+        with pytest.raises(UserError, match="data/x.png"):
+            first.raise_()
+
+
+def test_npz_member_without_the_npy_suffix_still_loads(tmp_path):
+    import io
+    import zipfile
+    images, labels = digits("mnist", 10)
+    buf = io.BytesIO()
+    np.save(buf, images)
+    with zipfile.ZipFile(tmp_path / "odd.npz", "w") as z:
+        z.writestr("images", buf.getvalue())
+    d = load_domain("odd", tmp_path / "odd.npz")
+    assert np.array_equal(np.asarray(d.images), images)
