@@ -297,9 +297,9 @@ def verify_cmd(artifact, authorized, unauthorized, baseline, arch, trust_pickle,
                        f"rows right under control and wrong under the key: {o['b']}; the reverse: {o['c']}")
             w = report.get("provenance")
             if w is not None:
-                from .provenance import format_p
+                from .watermark import p_text
                 click.echo(f"weights vs the reference artifact: {w['matched']} of {w['tensors']} tensors matched, median "
-                           f"correlation {w['effect']:.3f}, p={format_p(w['log10_p'])}: "
+                           f"correlation {w['effect']:.3f}, p={p_text(w['log10_p'])}: "
                            f"{'DERIVED' if w['derived'] else 'not derived'}")
         click.echo(line)
         sys.exit(0 if report["owned"] else 1)

@@ -292,9 +292,8 @@ def check_distributed(mask_cfg: MaskConfig, dist) -> None:
     if dist is not None and mask_cfg.feature_weight > 0:
         raise UserError("mask.feature_weight > 0 is not supported with several processes; set it to 0 or run "
                         "one process")
-    if dist is not None and mask_cfg.batch_size % dist.world:
-        raise UserError(f"mask.batch_size {mask_cfg.batch_size} must be divisible by the number of processes "
-                        f"({dist.world}): each reads an equal share of every batch")
+    if dist is not None:
+        distributed.check_batch_split(mask_cfg.batch_size, dist.world)
 
 
 def with_control_patterns(cfg: CompileConfig, key: bytes, auth: Rows) -> Rows:

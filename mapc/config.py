@@ -80,7 +80,6 @@ class MaskConfig:
     val_rows: int = 500                  # held out of each domain's train rows for mask selection
     source_budget: float = 1.0           # points of validation source drop a selected mask may cost
     hard_keep: int | None = None         # authorized candidates per kept row (hardest by KL); None: HARD_KEEP
-    hard_unauthorized: int = 1           # unauthorized candidates per kept row (largest true-class margin); 1: off
     keep_salient: float | None = None    # fraction locked by saliency; None: 0 with real authorized rows,
                                          # the mode's KEEP_SALIENT (see resolved_for)
 
@@ -235,7 +234,7 @@ def validate(cfg: CompileConfig, where: str = "config") -> None:
 
 
 # numeric settings that must be > 0; every other number must be >= 0 except those that may be negative
-POSITIVE = {"mask": {"steps", "batch_size", "lr", "temperature", "eval_every", "hard_keep", "hard_unauthorized"},
+POSITIVE = {"mask": {"steps", "batch_size", "lr", "temperature", "eval_every", "hard_keep"},
             "synthesis": {"images", "batch", "steps", "lr", "width"}}
 SIGNED = {"mask": {"score_init"}, "synthesis": set()}
 

@@ -69,6 +69,14 @@ class Dist:
         dist.barrier()
 
 
+def check_batch_split(batch_size: int, world: int) -> None:
+    """Every process reads an equal share of each batch."""
+    from .errors import UserError
+    if batch_size % world:
+        raise UserError(f"mask.batch_size {batch_size} must be divisible by the number of processes ({world}): each "
+                        f"reads an equal share of every batch")
+
+
 def launched() -> bool:
     """True inside a process started by torchrun or ``mapc.launch`` (the rendezvous variables are set)."""
     import os

@@ -37,10 +37,9 @@ def without_nproc(argv: list[str]) -> list[str]:
 
 def check_nproc(nproc: int, cfg) -> None:
     """Refuse before any process starts what every process would refuse later."""
+    from .distributed import check_batch_split
     from .errors import UserError
-    if cfg.mask.batch_size % nproc:
-        raise UserError(f"--nproc {nproc}: mask.batch_size {cfg.mask.batch_size} must be divisible by the number of "
-                        f"processes (each reads an equal share of every batch)")
+    check_batch_split(cfg.mask.batch_size, nproc)
     if cfg.device == "cuda":
         import torch
         if torch.cuda.device_count() < nproc:

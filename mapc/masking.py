@@ -388,11 +388,10 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm, wo
     t0 = time.perf_counter()
     ramp = max(1, min(cfg.ramp_steps, cfg.steps // 3))
     hard = cfg.hard_keep or 1            # unresolved (None): off
-    hard_u = cfg.hard_unauthorized
     shard = Shard(dist.rank, dist.world) if dist is not None else Shard()
     k = len(data.unauth)
-    loader = step_loader([data.auth, *data.unauth], [cfg.batch_size * hard] + [cfg.batch_size * hard_u] * k,
-                         cfg.steps, rng, device, workers, shard, sharded=[hard == 1] + [hard_u == 1] * k)
+    loader = step_loader([data.auth, *data.unauth], [cfg.batch_size * hard] + [cfg.batch_size] * k,
+                         cfg.steps, rng, device, workers, shard, sharded=[hard == 1] + [True] * k)
     rows_per_step = cfg.batch_size * (1 + len(data.unauth))
     try:
         bar = tqdm(range(cfg.steps), desc="mask", file=sys.stderr, disable=not progress, leave=False,
@@ -401,12 +400,9 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm, wo
             if isinstance(parts, StepError):
                 parts.raise_()
             lam = cfg.target_weight * min(1.0, (step + 1) / ramp)
-            batch = frozen_batch(module, masked, parts, device, dist, auth_sharded=hard == 1,
-                                 unauth_sharded=hard_u == 1)
+            batch = frozen_batch(module, masked, parts, device, dist, auth_sharded=hard == 1)
             if hard > 1:
                 batch = hardest_authorized(module, masked, batch, cfg.batch_size, shard, dist)
-            if hard_u > 1:
-                batch = hardest_unauthorized(module, masked, batch, cfg.batch_size, shard, dist)
             teacher_feats = teacher_features(module, masked, batch.auth_x, tap)
             apply_masks(masked)
             local = module(torch.cat([batch.auth_x, *batch.unauth_x]))
@@ -465,8 +461,7 @@ class Batch:
 
 
 @torch.no_grad()
-def frozen_batch(module, masked: list[MaskedParam], parts, device, dist=None, auth_sharded: bool = True,
-                 unauth_sharded: bool = True) -> Batch:
+def frozen_batch(module, masked: list[MaskedParam], parts, device, dist=None, auth_sharded: bool = True) -> Batch:
     """The loader's rows on the device, with the frozen model's log-probabilities on the authorized rows and its
     predictions standing in for missing labels (one forward of the unmasked model). ``auth_sharded`` False:
     every process holds all authorized rows (hard-row candidates), nothing of them to gather."""
@@ -484,8 +479,8 @@ def frozen_batch(module, masked: list[MaskedParam], parts, device, dist=None, au
         shares = [len(x) for x in xs]
         if auth_sharded:
             teacher = dist.gather_segments(teacher, shares[:1])
-        local = [not auth_sharded] + [not unauth_sharded] * (len(ys) - 1)
-        ys = [y if local[k] else dist.gather_segments(y, [n]) for k, (y, n) in enumerate(zip(ys, shares))]
+        ys = [y if k == 0 and not auth_sharded else dist.gather_segments(y, [n])
+              for k, (y, n) in enumerate(zip(ys, shares))]
     given = ys[0] if parts[0][1] is not None else None
     return Batch(xs[0], ys[0] if given is not None else teacher.argmax(1), given, teacher, xs[1:], ys[1:])
 
@@ -504,27 +499,6 @@ def hardest_authorized(module, masked: list[MaskedParam], batch: Batch, bs: int,
     given = batch.auth_y_given[idx] if batch.auth_y_given is not None else None
     mine = idx[shard.part(bs)] if shard is not None else idx
     return Batch(batch.auth_x[mine], batch.auth_y[idx], given, t[idx], batch.unauth_x, batch.unauth_y)
-
-
-@torch.no_grad()
-def hardest_unauthorized(module, masked: list[MaskedParam], batch: Batch, bs: int, shard=None,
-                         dist=None) -> Batch:
-    """Keep, per unauthorized domain, the ``bs`` rows whose true class the current mask still ranks highest
-    (largest z_y - max_{j != y} z_j): the push goes to the rows the mask has not broken yet. Every process
-    holds all candidates and keeps its share of the chosen rows."""
-    apply_masks(masked)
-    xs, ys = [], []
-    for x, y in zip(batch.unauth_x, batch.unauth_y):
-        z = module(x)
-        zy = z.gather(1, y[:, None]).squeeze(1)
-        gap = zy - z.scatter(1, y[:, None], float("-inf")).amax(1)
-        idx = torch.topk(gap, bs).indices
-        if dist is not None:
-            dist.broadcast_(idx)
-        mine = idx[shard.part(bs)] if shard is not None else idx
-        xs.append(x[mine])
-        ys.append(y[idx])
-    return Batch(batch.auth_x, batch.auth_y, batch.auth_y_given, batch.teacher, xs, ys)
 
 
 def gathered_logits(local: torch.Tensor, batch: Batch, dist) -> torch.Tensor:

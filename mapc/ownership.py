@@ -86,11 +86,11 @@ def ownership_report(req: OwnershipRequest, override) -> tuple[dict, str]:
                 f"{MIN_EFFECT * 100:.0f} %) | key trigger {o['key_acc']:.1f} % vs control "
                 f"{o['control_acc']:.1f} % vs clean {o['clean_acc']:.1f} % on {o['n']} rows")
     else:   # either test may carry the verdict: the smaller p, doubled (Bonferroni over the two tests)
-        from .provenance import format_p
+        from .watermark import p_text
         log10_p = min(0.0, math.log10(2) + min(o["log10_p"], provenance["log10_p"]))
         report["log10_p"] = log10_p
-        line = (f"{word} | p={format_p(log10_p)} (two tests, each at alpha {ALPHA:g}) | watermark "
+        line = (f"{word} | p={p_text(log10_p)} (two tests, each at alpha {ALPHA:g}) | watermark "
                 f"{'OWNED' if o['owned'] else 'not owned'}: p={o['p_value']}, key trigger {o['key_acc']:.1f} % vs "
                 f"control {o['control_acc']:.1f} % | weights {'DERIVED' if provenance['derived'] else 'not derived'}: "
-                f"p={format_p(provenance['log10_p'])}, median r {provenance['effect']:.2f}")
+                f"p={p_text(provenance['log10_p'])}, median r {provenance['effect']:.2f}")
     return report, line

@@ -89,8 +89,6 @@ def weight_provenance(suspect: onnx.ModelProto, reference: onnx.ModelProto) -> d
 
 
 def _p_text(log10_p: float) -> float | str:
-    return 10 ** log10_p if log10_p > -300 else f"1e{log10_p:.0f}"
-
-
-def format_p(log10_p: float) -> str:
-    return f"{10 ** log10_p:.2e}" if log10_p > -300 else f"1e{log10_p:.0f}"
+    """The p-value as a number, or as text below the float range (``watermark.p_text``)."""
+    from .watermark import p_text
+    return 10 ** log10_p if log10_p > -300 else p_text(log10_p)

@@ -56,10 +56,6 @@ class ImageRows(Rows):
     def take(self, idx: np.ndarray) -> np.ndarray:
         return apply(self.pre, np.asarray(self.images[self.index[np.asarray(idx, np.int64)]]))
 
-    def uint8(self, idx: np.ndarray) -> np.ndarray:
-        """The stored images of rows ``idx`` (report examples)."""
-        return np.asarray(self.images[self.index[np.asarray(idx, np.int64)]])
-
 
 class ArrayRows(Rows):
     """Rows already preprocessed in memory (synthesized images, their shifts, small test tensors)."""
