@@ -27,6 +27,7 @@ MNIST_TEST = 2000
 MNISTM_ROWS = (2800, 1200)
 SYN_ROWS = (2800, 1200)
 UCI_TEST = 1000
+NEAR_BLACK = 20  # of 255: see is_near_black
 
 
 def split_column(n_train: int, n_test: int) -> np.ndarray:
@@ -70,17 +71,36 @@ def photographs() -> list[np.ndarray]:
     return [p.astype(np.uint8) for p in photos]
 
 
+def draw_patch(photos, rng: np.random.Generator) -> np.ndarray:
+    p = photos[rng.integers(len(photos))]
+    y, x = rng.integers(p.shape[0] - 28), rng.integers(p.shape[1] - 28)
+    return p[y:y + 28, x:x + 28].astype(np.int16)
+
+
+def is_near_black(patch: np.ndarray) -> bool:
+    """A patch whose median grey level is below ``NEAR_BLACK`` of 255 (the deep-field sky, the
+    retina's black surround, the space behind the astronaut): |patch - digit| on it is a light
+    MNIST digit on a black background, i.e. the authorized domain itself, not a photo blend."""
+    return float(np.median(patch.mean(-1))) < NEAR_BLACK
+
+
 def build_mnistm(mnist_images, mnist_labels, split_idx, rng: np.random.Generator):
-    """MNIST-M recipe: |photo patch - digit| per channel, with the patch drawn from a real photo."""
+    """MNIST-M recipe: |photo patch - digit| per channel, with the patch drawn from a real photo.
+
+    A near-black patch (``is_near_black``) is redrawn from a second generator, so every row
+    is a digit on photo texture while the main generator advances exactly as it did before
+    the rule existed (the other rows of mnistm and the domains drawn after it are unchanged).
+    """
     photos = photographs()
+    redraw = np.random.default_rng(SEED + 1)
     train, test = split_idx
 
     def blend(rows):
         out = np.empty((len(rows), 28, 28, 3), np.uint8)
         for k, r in enumerate(rows):
-            p = photos[rng.integers(len(photos))]
-            y, x = rng.integers(p.shape[0] - 28), rng.integers(p.shape[1] - 28)
-            patch = p[y:y + 28, x:x + 28].astype(np.int16)
+            patch = draw_patch(photos, rng)
+            while is_near_black(patch):
+                patch = draw_patch(photos, redraw)
             digit = mnist_images[r].astype(np.int16)[..., None]
             out[k] = np.abs(patch - digit).astype(np.uint8)
         return out
