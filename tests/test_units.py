@@ -13,7 +13,7 @@ import passes
 from mapc.atomic import staged_dir
 from mapc.cli import main
 from mapc.evaluate import st_d, wilson_interval
-from mapc.masking import margin_loss, selection_key
+from mapc.masking import held_out_probe, margin_loss, selection_key
 from mapc.preprocess import Preprocess, apply
 
 
@@ -45,6 +45,20 @@ def test_selection_key_prefers_feasible_masks_then_protection_then_drop():
     assert feasible_good < feasible_worse < infeasible
     assert selection_key(0.1, [12.0], budget) < selection_key(0.5, [12.0], budget)   # tie on worst: lower drop
     assert selection_key(1.5, [50.0], budget) < selection_key(2.5, [0.0], budget)     # infeasible: lower drop first
+
+
+def test_held_out_probe_reads_labels_from_informative_logits_and_not_from_noise():
+    """Checkpoint selection's probe: logits that encode the label through a fixed permutation at tiny scale
+    (top-1 far below chance) are read back almost fully; label-independent logits give about chance."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 400)
+    perm = rng.permutation(10)
+    informative = 5.0 + 1e-3 * np.eye(10)[perm[y]] + 1e-5 * rng.standard_normal((400, 10))
+    informative[:, 0] += 1.0                      # always predicts class 0
+    assert (informative.argmax(1) == y).mean() < 0.15
+    assert held_out_probe(informative, y, 10) > 95.0
+    assert held_out_probe(rng.standard_normal((400, 10)), y, 10) < 20.0
+    assert held_out_probe(informative[:15], y[:15], 10) == 0.0   # too few rows to fit one per class
 
 
 def test_margin_loss_pushes_the_true_class_off_the_top():
