@@ -345,13 +345,18 @@ def _logits(module, rows: Rows, device, batch: int = 1024, tap=None, dist: "Dist
     return z
 
 
+def top1(logits: torch.Tensor, labels: np.ndarray) -> float:
+    """Top-1 (percent) of ``logits`` against ``labels``; 0 for no rows."""
+    if len(labels) == 0:
+        return 0.0
+    return float((logits.argmax(1).cpu().numpy() == labels).mean() * 100)
+
+
 def _accuracy(module, rows: Rows, device, batch: int = 1024, tap=None, dist: "Dist | None" = None) -> float:
     """Top-1 (percent) on labelled ``rows``."""
     if len(rows) == 0:
         return 0.0
-    pred = _logits(module, rows, device, batch, tap, dist).argmax(1)
-    y = torch.from_numpy(rows.labels).to(pred.device)
-    return float((pred == y).float().mean() * 100)
+    return top1(_logits(module, rows, device, batch, tap, dist), rows.labels)
 
 
 def held_out_probe(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
@@ -410,7 +415,7 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm, wo
     if cfg.keep_salient:
         lock_salient(module, masked, data, cfg.keep_salient, rng, device, dist)
     opt, sched = make_optimizer(masked, cfg)
-    selector = CheckpointSelector(module, data, cfg, tap, device, dist, num_classes)
+    selector = CheckpointSelector(module, data, cfg, tap, device, dist)
     history = selector.history
     t0 = time.perf_counter()
     ramp = max(1, min(cfg.ramp_steps, cfg.steps // 3))
@@ -610,9 +615,8 @@ class CheckpointSelector:
     Without validation rows (tiny data) nothing is selected and the last mask is returned.
     """
 
-    def __init__(self, module, data: TrainData, cfg: MaskConfig, tap, device, dist=None, num_classes: int = 0):
+    def __init__(self, module, data: TrainData, cfg: MaskConfig, tap, device, dist=None):
         self.module, self.data, self.cfg, self.tap = module, data, cfg, tap
-        self.num_classes = num_classes
         self.device, self.dist = device, dist
         self.history: list[dict] = []
         self.best = None   # (key, step, masks)
@@ -631,9 +635,9 @@ class CheckpointSelector:
         accs, probes = [], []
         for rows in self.data.val_unauth:
             z = _logits(self.module, rows, self.device, tap=self.tap, dist=self.dist)
-            accs.append(float((z.argmax(1).cpu().numpy() == rows.labels).mean() * 100) if len(rows) else 0.0)
-            probes.append(held_out_probe(z.cpu().double().numpy(), rows.labels, self.num_classes)
-                          if self.cfg.probe_weight > 0 else 0.0)
+            accs.append(top1(z, rows.labels))
+            probes.append(held_out_probe(z.cpu().double().numpy(), rows.labels, z.shape[1])
+                          if self.cfg.probe_weight > 0 and len(rows) else 0.0)
         key = selection_key(drop, [max(a, p) for a, p in zip(accs, probes)], self.cfg.source_budget)
         self.history.append({"step": step, "val_source_drop": drop, "val_unauthorized_acc": accs,
                              "val_unauthorized_probe": probes})
