@@ -48,6 +48,10 @@ KEEP_SALIENT = {"source-available": 0.0, "source-free": 0.45, "data-free": 0.35}
 # Default hard-row mining of authorized batches per mode (candidates per kept row; 1 = off). Measured in
 # mapc.masking's docstring: it helps source-free and costs data-free its protection.
 HARD_KEEP = {"source-available": 1, "source-free": 8, "data-free": 1}
+# Default translation jitter of authorized rows per mode (pixels; mapc.loader). Synthesized images sit at the
+# centre of what the model accepts; shifting them as its training augmentation did keeps the mask's function
+# on more of the real authorized domain. Measured in mapc.masking's docstring.
+JITTER = {"source-available": 0, "source-free": 2, "data-free": 2}
 
 
 @dataclass
@@ -82,6 +86,7 @@ class MaskConfig:
     hard_keep: int | None = None         # authorized candidates per kept row (hardest by KL); None: HARD_KEEP
     keep_salient: float | None = None    # fraction locked by saliency; None: 0 with real authorized rows,
                                          # the mode's KEEP_SALIENT (see resolved_for)
+    jitter: int | None = None            # authorized rows shifted by up to this many pixels per step; None: JITTER
 
     def __post_init__(self):
         if self.granularity not in ("weight", "channel"):
@@ -90,12 +95,15 @@ class MaskConfig:
             raise UserError("mask.steps, mask.batch_size, mask.lr and mask.temperature must be positive")
         if self.keep_salient is not None and not 0.0 <= self.keep_salient < 1.0:
             raise UserError(f"mask.keep_salient must be in [0, 1), got {self.keep_salient}")
+        if self.jitter is not None and self.jitter < 0:
+            raise UserError(f"mask.jitter must be 0 or a positive number of pixels, got {self.jitter}")
 
     def resolved_for(self, mode: str) -> "MaskConfig":
-        """A copy with ``keep_salient`` and ``hard_keep`` decided: explicit values win, otherwise the mode's
-        defaults."""
+        """A copy with ``keep_salient``, ``hard_keep`` and ``jitter`` decided: explicit values win, otherwise
+        the mode's defaults."""
         return replace(self, keep_salient=KEEP_SALIENT[mode] if self.keep_salient is None else self.keep_salient,
-                       hard_keep=HARD_KEEP[mode] if self.hard_keep is None else self.hard_keep)
+                       hard_keep=HARD_KEEP[mode] if self.hard_keep is None else self.hard_keep,
+                       jitter=JITTER[mode] if self.jitter is None else self.jitter)
 
 
 SYNTHESIS_METHODS = ("generator", "pixels")

@@ -61,18 +61,27 @@ its score gets no gradient. This bounds what the mask can take from the
 authorized domain when the keep-side data only approximates it (synthesized
 images); f = 0 locks nothing.
 
+Jitter (``jitter`` = j pixels; 2 in source-free and data-free mode, 0 with real authorized rows): each
+step's authorized rows are shifted by up to j pixels, edge pixels repeated (``mapc.loader``), before the
+frozen model labels them and the mask sees them. Synthesized images sit at the centre of what the model
+accepts; shifted, they are still its domain (it was trained with shifts), and the mask keeps its function
+on more of the real one (samples/README.md, "Later: jitter, more images, a larger selection set").
+
 Optimiser: momentum SGD on per-tensor RMS-normalised score gradients (Adam
 moves every score at the same rate and flips most of a layer at once).
-The returned mask is the one, among checkpoints every ``eval_every`` steps,
-with the lowest worst unauthorized validation figure whose validation
-source drop stays within ``source_budget`` points (validation rows are held
-out of the train rows, never the test rows). A domain's figure is the larger
-of its top-1 and, when the probe term is on, what a linear probe recovers on
-its validation rows (``held_out_probe``: two-fold, fitted on one half of the
-rows and scored on the other). Top-1 alone sits at chance at nearly every
-checkpoint and chose among them by noise; measured on the sample (default
-threads, seeds 2/4): drop 1.00/0.65 -> 0.40/0.40 points, uci's probe
-21.1/16.3 -> 13.5/16.1 %.
+The mask is chosen among checkpoints every ``eval_every`` steps on validation rows held out of the
+train rows (never the test rows). A checkpoint is feasible when its validation source drop stays within
+``source_budget`` points. A domain's figure is the larger of its top-1 and, when the probe term is on,
+what a linear probe recovers on its validation rows (``held_out_probe``: two-fold, fitted on one half
+of the rows and scored on the other); a checkpoint's worst figure is the largest over the domains. The
+feasible checkpoint with the lowest worst figure sets the bar; every feasible checkpoint within one
+binomial standard error of it (on the worst domain's validation rows: uci's 199 rows in the sample give
+about 2.5 points at 15 %) is as good as far as the rows can tell, and among those the lowest worst top-1
+wins (what a release gate measures), then the lowest drop. Measured on the sample (default threads,
+seeds 0-4, test rows): worst top-1 12.3/11.2/13.2/12.8/12.3 -> 11.8/9.9/13.2/12.3/12.1 %, drop
+-0.10/-0.10/0.40/0.45/0.40 -> 0.15/0.35/0.40/0.50/0.65 points. Top-1 alone sits at chance at nearly
+every checkpoint and, as the only figure, chose by noise: the probe in the figure moved drop 1.00/0.65
+-> 0.40/0.40 points and uci's probe 21.1/16.3 -> 13.5/16.1 % (seeds 2/4).
 """
 from __future__ import annotations
 
@@ -381,6 +390,12 @@ def selection_key(src_drop: float, unauth_acc: list[float], budget: float) -> tu
     return (1, src_drop, worst)
 
 
+def standard_error(percent: float, rows: int) -> float:
+    """Binomial standard error (points) of an accuracy of ``percent`` measured on ``rows`` rows."""
+    p = min(max(percent / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / max(rows, 1))
+
+
 def feature_loss(masked_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], n: int) -> torch.Tensor:
     """Mean over layers of the normalised squared distance of the first ``n`` rows' features."""
     total = 0.0
@@ -423,7 +438,8 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm, wo
     shard = Shard(dist.rank, dist.world) if dist is not None else Shard()
     k = len(data.unauth)
     loader = step_loader([data.auth, *data.unauth], [cfg.batch_size * hard] + [cfg.batch_size] * k,
-                         cfg.steps, rng, device, workers, shard, sharded=[hard == 1] + [True] * k)
+                         cfg.steps, rng, device, workers, shard, sharded=[hard == 1] + [True] * k,
+                         jitter=[cfg.jitter or 0] + [0] * k)
     rows_per_step = cfg.batch_size * (1 + len(data.unauth))
     try:
         bar = tqdm(range(cfg.steps), desc="mask", file=sys.stderr, disable=not progress, leave=False,
@@ -609,17 +625,42 @@ def optimizer_step(opt, sched, loss: torch.Tensor, masked: list[MaskedParam], cf
         sched.step()
 
 
-class CheckpointSelector:
-    """Keeps the mask with the best ``selection_key`` on the validation rows (held out of the train rows).
+@dataclass
+class Checkpoint:
+    """One validated checkpoint: its ``selection_key``, the standard error of its worst figure, its worst
+    top-1 and its mask (bit-packed on the CPU)."""
+    key: tuple
+    se: float
+    worst_top1: float
+    step: int
+    packed: dict[str, tuple[tuple[int, ...], np.ndarray]]
 
-    Without validation rows (tiny data) nothing is selected and the last mask is returned.
+    def masks(self, like: list[MaskedParam]) -> dict[str, torch.Tensor]:
+        """The stored {0,1} masks in the dtype and on the device of ``like``'s current masks."""
+        out = {}
+        for m in like:
+            shape, bits = self.packed[m.name]
+            now = m.mask()
+            out[m.name] = torch.from_numpy(np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape)).to(
+                device=now.device, dtype=now.dtype)
+        return out
+
+
+class CheckpointSelector:
+    """Chooses the mask among checkpoints on the validation rows (held out of the train rows).
+
+    The best checkpoint by ``selection_key`` sets the bar; every feasible checkpoint whose worst figure is
+    within one standard error of the best's (binomial, on the worst domain's validation rows) is
+    statistically as good, and among those the one with the lowest worst top-1 is chosen, then the lowest
+    drop. Without a feasible checkpoint the lowest drop wins. Without validation rows (tiny data) nothing
+    is selected and the last mask is returned.
     """
 
     def __init__(self, module, data: TrainData, cfg: MaskConfig, tap, device, dist=None):
         self.module, self.data, self.cfg, self.tap = module, data, cfg, tap
         self.device, self.dist = device, dist
         self.history: list[dict] = []
-        self.best = None   # (key, step, masks)
+        self.candidates: list[Checkpoint] = []   # those that can still be chosen
         self.base_val = None
         if data.val_auth is not None and len(data.val_auth) > 0:
             self.base_val = self.accuracy(data.val_auth)
@@ -638,17 +679,38 @@ class CheckpointSelector:
             accs.append(top1(z, rows.labels))
             probes.append(held_out_probe(z.cpu().double().numpy(), rows.labels, z.shape[1])
                           if self.cfg.probe_weight > 0 and len(rows) else 0.0)
-        key = selection_key(drop, [max(a, p) for a, p in zip(accs, probes)], self.cfg.source_budget)
+        figures = [max(a, p) for a, p in zip(accs, probes)]
+        worst = int(np.argmax(figures)) if figures else None
+        se = standard_error(figures[worst], len(self.data.val_unauth[worst])) if figures else 0.0
         self.history.append({"step": step, "val_source_drop": drop, "val_unauthorized_acc": accs,
                              "val_unauthorized_probe": probes})
-        if self.best is None or key < self.best[0]:
-            self.best = (key, step, {m.name: m.mask().clone() for m in masked})
+        packed = {m.name: (tuple(m.mask().shape), np.packbits(m.mask().cpu().numpy().ravel() != 0)) for m in masked}
+        self.candidates.append(Checkpoint(selection_key(drop, figures, self.cfg.source_budget), se,
+                                          max(accs, default=0.0), step, packed))
+        self.candidates = self.still_choosable()
+
+    def still_choosable(self) -> list[Checkpoint]:
+        best = min(self.candidates, key=lambda c: c.key)
+        if best.key[0] == 1:     # nothing feasible yet: only the lowest drop can win
+            return [best]
+        return [c for c in self.candidates if c.key[0] == 0 and c.key[1] <= best.key[1] + best.se]
+
+    def best(self) -> Checkpoint | None:
+        if not self.candidates:
+            return None
+        if self.candidates[0].key[0] == 1:
+            return self.candidates[0]
+        return min(self.candidates, key=lambda c: (c.worst_top1, c.key[2]))
 
     def chosen(self, masked: list[MaskedParam]) -> dict[str, torch.Tensor]:
-        return self.best[2] if self.best is not None else {m.name: m.mask() for m in masked}
+        best = self.best()
+        if best is None:
+            return {m.name: m.mask() for m in masked}
+        return best.masks(masked)
 
     def selected_step(self, steps: int) -> int:
-        return self.best[1] if self.best is not None else steps - 1
+        best = self.best()
+        return best.step if best is not None else steps - 1
 
 
 @torch.no_grad()

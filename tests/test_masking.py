@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mapc.config import MaskConfig
+from mapc.errors import UserError
 from mapc.masking import TrainData, learn_mask, maskable_names, masked_forward
 from mapc.models import load_model
 from mapc.rows import ArrayRows
@@ -144,6 +145,11 @@ def test_keep_salient_resolves_by_where_the_authorized_rows_come_from():
     assert MaskConfig().resolved_for("source-free").hard_keep == 8 and MaskConfig().resolved_for("data-free").hard_keep == 1
     assert MaskConfig(hard_keep=3).resolved_for("source-available").hard_keep == 3
     assert MaskConfig(keep_salient=0.2).resolved_for("data-free").keep_salient == 0.2
+    assert MaskConfig().resolved_for("source-available").jitter == 0
+    assert MaskConfig().resolved_for("source-free").jitter == MaskConfig().resolved_for("data-free").jitter == 2
+    assert MaskConfig(jitter=0).resolved_for("source-free").jitter == 0
+    with pytest.raises(UserError, match="mask.jitter"):
+        MaskConfig(jitter=-1)
     with pytest.raises(UserError, match="keep_salient"):
         MaskConfig(keep_salient=1.0)
 

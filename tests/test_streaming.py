@@ -114,6 +114,37 @@ def test_loader_batches_do_not_depend_on_workers_or_shards():
         assert serial[step][1][1] is None and torch.equal(serial[step][0][1], parallel[step][0][1])
 
 
+def test_translated_moves_content_and_repeats_the_edge():
+    from mapc.loader import translated
+    x = np.arange(2 * 1 * 4 * 5, dtype=np.float32).reshape(2, 1, 4, 5)
+    out = translated(x, np.array([[1, -2], [0, 0]]))
+    assert out.shape == x.shape and np.array_equal(out[1], x[1])
+    assert np.array_equal(out[0, 0, 1:, :3], x[0, 0, :3, 2:])          # content moved down 1, left 2
+    assert np.array_equal(out[0, 0, 0, :3], x[0, 0, 0, 2:])            # top row repeats the edge row
+    assert np.array_equal(out[0, 0, 1:, 3], x[0, 0, :3, 4]) and np.array_equal(out[0, 0, 1:, 4], x[0, 0, :3, 4])
+    assert translated(x, np.zeros((2, 2), np.int64)) is x
+
+
+def test_jittered_batches_do_not_depend_on_workers_or_shards_and_jitter_zero_draws_nothing():
+    x = np.random.default_rng(0).standard_normal((50, 3, 6, 6)).astype(np.float32)
+    sources = [ArrayRows(x, np.arange(50) % 10), ArrayRows(x * 2, None)]
+
+    def batches(workers, shard=Shard(), jitter=(2, 0)):
+        return list(step_loader(sources, [8, 8], 4, np.random.default_rng(7), torch.device("cpu"), workers, shard,
+                                jitter=list(jitter)))
+    serial, parallel = batches(0), batches(2)
+    halves = [batches(0, Shard(r, 2)) for r in range(2)]
+    plain = batches(0, jitter=(0, 0))
+    unjittered = list(step_loader(sources, [8, 8], 4, np.random.default_rng(7), torch.device("cpu")))
+    for step in range(4):
+        assert torch.equal(serial[step][0][0], parallel[step][0][0])
+        assert torch.equal(torch.cat([h[step][0][0] for h in halves]), serial[step][0][0])
+        assert torch.equal(plain[step][0][0], unjittered[step][0][0])
+    rows = torch.from_numpy(x)
+    assert not all(any(torch.equal(r, s) for s in rows) for r in serial[0][0][0])   # authorized rows shifted
+    assert all(any(torch.equal(r, s) for s in rows * 2) for r in serial[0][1][0])   # jitter 0: rows as stored
+
+
 def test_compile_streams_an_image_folder_with_workers(tmp_path, tiny_models):
     images, labels = digits("mnist", 160)
     split = np.array(["train"] * 120 + ["test"] * 40)

@@ -13,7 +13,7 @@ import passes
 from mapc.atomic import staged_dir
 from mapc.cli import main
 from mapc.evaluate import st_d, wilson_interval
-from mapc.masking import held_out_probe, margin_loss, selection_key
+from mapc.masking import Checkpoint, CheckpointSelector, held_out_probe, margin_loss, selection_key, standard_error
 from mapc.preprocess import Preprocess, apply
 
 
@@ -45,6 +45,45 @@ def test_selection_key_prefers_feasible_masks_then_protection_then_drop():
     assert feasible_good < feasible_worse < infeasible
     assert selection_key(0.1, [12.0], budget) < selection_key(0.5, [12.0], budget)   # tie on worst: lower drop
     assert selection_key(1.5, [50.0], budget) < selection_key(2.5, [0.0], budget)     # infeasible: lower drop first
+
+
+def _selector_with(entries, budget=1.0):
+    """A CheckpointSelector fed (drop, figures, worst top-1, rows of the worst domain) records directly."""
+    sel = CheckpointSelector.__new__(CheckpointSelector)
+    sel.candidates = []
+    for step, (drop, figures, top, rows) in enumerate(entries):
+        worst = max(figures)
+        sel.candidates.append(Checkpoint(selection_key(drop, figures, budget), standard_error(worst, rows), top,
+                                         step, {}))
+        sel.candidates = sel.still_choosable()
+    return sel
+
+
+def test_checkpoints_within_one_standard_error_are_chosen_by_worst_top1_then_drop():
+    assert standard_error(15.0, 199) == pytest.approx(100 * (0.15 * 0.85 / 199) ** 0.5)
+    assert standard_error(0.0, 10) == 0.0 and standard_error(50.0, 0) == 50.0
+    # 0: best worst figure; 1: within one SE (about 2.5 points on 199 rows) with a lower top-1; 2: outside it
+    sel = _selector_with([(0.2, [15.0, 12.0], 12.5, 199), (0.4, [16.5, 12.0], 10.5, 199),
+                          (0.1, [19.0, 11.0], 9.0, 199)])
+    assert sel.best().step == 1 and sorted(c.step for c in sel.candidates) == [0, 1]
+    # a tie on top-1 goes to the lower drop; an infeasible checkpoint never beats a feasible one
+    sel = _selector_with([(0.6, [15.0], 11.0, 199), (0.3, [16.0], 11.0, 199), (3.0, [5.0], 5.0, 199)])
+    assert sel.best().step == 1
+    # on many rows the standard error is small: only the best figure remains
+    sel = _selector_with([(0.2, [15.0], 12.5, 100_000), (0.2, [15.5], 10.0, 100_000)])
+    assert sel.best().step == 0
+    # nothing feasible: the lowest drop
+    sel = _selector_with([(2.5, [10.0], 10.0, 199), (1.5, [30.0], 30.0, 199), (2.0, [5.0], 5.0, 199)])
+    assert sel.best().step == 1 and len(sel.candidates) == 1
+
+
+def test_checkpoint_masks_round_trip_through_the_packed_bits():
+    from mapc.masking import MaskedParam
+    w = torch.zeros(3, 5)
+    m = MaskedParam("w", torch.nn.Parameter(w.clone()), w.clone(), torch.randn(3, 5))
+    packed = {"w": (tuple(m.mask().shape), np.packbits(m.mask().numpy().ravel() != 0))}
+    back = Checkpoint((0, 1.0, 0.0), 0.0, 0.0, 0, packed).masks([m])["w"]
+    assert back.dtype == m.mask().dtype and torch.equal(back, m.mask())
 
 
 def test_held_out_probe_reads_labels_from_informative_logits_and_not_from_noise():
