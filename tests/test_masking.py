@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from mapc.config import MaskConfig
-from mapc.errors import UserError
 from mapc.masking import TrainData, learn_mask, maskable_names, masked_forward
 from mapc.models import load_model
 from mapc.rows import ArrayRows
