@@ -228,12 +228,12 @@ def modes_table(args) -> None:
 
 
 def fidelity(report: dict, seed: int) -> float:
-    """Student fidelity of the compile's synthesized data: the same synthesis (config, seed) repeated, a fresh
-    DigitsCNN distilled on it alone, measured on the real mnist test rows."""
+    """Student fidelity of the compile's synthesized data: the same synthesis (digits_plain.toml's settings,
+    seed) repeated, a fresh DigitsCNN distilled on it alone, measured on the real mnist test rows."""
     import torch
 
     sys.path.insert(0, str(HERE.parent))
-    from mapc.config import SynthesisConfig
+    from mapc.config import load_config
     from mapc.datasets import load_domain
     from mapc.fidelity import student_fidelity
     from mapc.models import load_model
@@ -244,7 +244,8 @@ def fidelity(report: dict, seed: int) -> float:
     pre = preprocess_from(report["preprocess"])
     loaded = load_model(HERE / "models" / "digits_plain.pt2")
     torch.manual_seed(seed)
-    images, _, _ = invert(loaded.module, loaded.format, pre.input_shape, 10, SynthesisConfig(), seed,
+    synthesis = load_config(HERE / "digits_plain.toml").synthesis
+    images, _, _ = invert(loaded.module, loaded.format, pre.input_shape, 10, synthesis, seed,
                           torch.device("cpu"), pre.mean, pre.std, progress=False)
     d = load_domain("mnist", HERE / "digits" / "mnist.npz")
     te = d.rows("test")
