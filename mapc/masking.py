@@ -660,7 +660,7 @@ class CheckpointSelector:
         self.module, self.data, self.cfg, self.tap = module, data, cfg, tap
         self.device, self.dist = device, dist
         self.history: list[dict] = []
-        self.candidates: list[Checkpoint] = []   # those that can still be chosen
+        self.candidates: list[Checkpoint] = []   # every feasible one (or the lowest drop), masks bit-packed
         self.base_val = None
         if data.val_auth is not None and len(data.val_auth) > 0:
             self.base_val = self.accuracy(data.val_auth)
@@ -690,17 +690,21 @@ class CheckpointSelector:
         self.candidates = self.still_choosable()
 
     def still_choosable(self) -> list[Checkpoint]:
+        """Every feasible checkpoint (a later best may widen the bar: its worst domain may have fewer rows),
+        or only the lowest drop while none is feasible."""
         best = min(self.candidates, key=lambda c: c.key)
-        if best.key[0] == 1:     # nothing feasible yet: only the lowest drop can win
+        if best.key[0] == 1:
             return [best]
-        return [c for c in self.candidates if c.key[0] == 0 and c.key[1] <= best.key[1] + best.se]
+        return [c for c in self.candidates if c.key[0] == 0]
 
     def best(self) -> Checkpoint | None:
         if not self.candidates:
             return None
-        if self.candidates[0].key[0] == 1:
-            return self.candidates[0]
-        return min(self.candidates, key=lambda c: (c.worst_top1, c.key[2]))
+        bar = min(self.candidates, key=lambda c: c.key)
+        if bar.key[0] == 1:
+            return bar
+        within = [c for c in self.candidates if c.key[1] <= bar.key[1] + bar.se]
+        return min(within, key=lambda c: (c.worst_top1, c.key[2]))
 
     def chosen(self, masked: list[MaskedParam]) -> dict[str, torch.Tensor]:
         best = self.best()
