@@ -636,13 +636,20 @@ class Checkpoint:
     packed: dict[str, tuple[tuple[int, ...], np.ndarray]]
 
     def masks(self, like: list[MaskedParam]) -> dict[str, torch.Tensor]:
-        """The stored {0,1} masks in the dtype and on the device of ``like``'s current masks."""
+        """The stored {0,1} masks in the dtype and on the device ``MaskedParam.mask`` gives them."""
         out = {}
         for m in like:
             shape, bits = self.packed[m.name]
-            now = m.mask()
             out[m.name] = torch.from_numpy(np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape)).to(
-                device=now.device, dtype=now.dtype)
+                device=m.score.device, dtype=m.original.dtype)
+        return out
+
+    @staticmethod
+    def pack(masked: list[MaskedParam]) -> dict[str, tuple[tuple[int, ...], np.ndarray]]:
+        out = {}
+        for m in masked:
+            keep = m.mask().cpu().numpy()
+            out[m.name] = (keep.shape, np.packbits(keep.ravel() != 0))
         return out
 
 
@@ -684,9 +691,8 @@ class CheckpointSelector:
         se = standard_error(figures[worst], len(self.data.val_unauth[worst])) if figures else 0.0
         self.history.append({"step": step, "val_source_drop": drop, "val_unauthorized_acc": accs,
                              "val_unauthorized_probe": probes})
-        packed = {m.name: (tuple(m.mask().shape), np.packbits(m.mask().cpu().numpy().ravel() != 0)) for m in masked}
         self.candidates.append(Checkpoint(selection_key(drop, figures, self.cfg.source_budget), se,
-                                          max(accs, default=0.0), step, packed))
+                                          max(accs, default=0.0), step, Checkpoint.pack(masked)))
         self.candidates = self.still_choosable()
 
     def still_choosable(self) -> list[Checkpoint]:

@@ -93,7 +93,7 @@ def test_checkpoint_masks_round_trip_through_the_packed_bits():
     from mapc.masking import MaskedParam
     w = torch.zeros(3, 5)
     m = MaskedParam("w", torch.nn.Parameter(w.clone()), w.clone(), torch.randn(3, 5))
-    packed = {"w": (tuple(m.mask().shape), np.packbits(m.mask().numpy().ravel() != 0))}
+    packed = Checkpoint.pack([m])
     back = Checkpoint((0, 1.0, 0.0), 0.0, 0.0, 0, packed).masks([m])["w"]
     assert back.dtype == m.mask().dtype and torch.equal(back, m.mask())
 
