@@ -23,7 +23,7 @@ batches xu_k (labels yu_k, or the frozen model's predictions without them):
                                  + beta * softplus(z_y - max_{j != y} z_j + m)
                                  + rho * R2_k + gamma * B_k ]
 
-R2_k (``probe_weight`` rho, default 2) is an adversarial linear probe inside
+R2_k (``probe_weight`` rho, default 2; 0 in data-free mode, ``PROBE_WEIGHT``) is an adversarial linear probe inside
 the loss: on the batch's logits z standardised per column (batch mean/std) plus
 a bias column X, the closed-form ridge map W = (X^T X + a I)^-1 X^T Y to the
 one-hot labels Y (``probe_alpha`` a, a differentiable torch.linalg.solve) and
@@ -409,13 +409,15 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
                seed: int, device: torch.device, progress: bool = True, workers: int = 0,
                dist: "Dist | None" = None) -> MaskResult:
     """The mask (module docstring). ``workers``: DataLoader processes reading rows; ``dist``: data-parallel
-    learning across processes (``mapc.distributed``), every rank returning the same mask."""
+    learning across processes (``mapc.distributed``), every rank returning the same mask. Settings left
+    unresolved (None) take the source-available defaults (``MaskConfig.resolved_for``)."""
     import contextlib
 
     from tqdm import tqdm
 
     from .taps import BatchNormTap
 
+    cfg = cfg.resolved_for("source-available")
     tap_ctx = BatchNormTap(module) if cfg.feature_weight > 0 else contextlib.nullcontext()
     with tap_ctx as tap:
         return _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm, workers, dist)
@@ -659,7 +661,7 @@ class CheckpointSelector:
     The best checkpoint by ``selection_key`` sets the bar; every feasible checkpoint whose worst figure is
     within one standard error of the best's (binomial, on the worst domain's validation rows) is
     statistically as good, and among those the one with the lowest worst top-1 is chosen, then the lowest
-    drop. Without a feasible checkpoint the lowest drop wins. Without validation rows (tiny data) nothing
+    drop (``tie_break`` "top1"; "drop", the default with synthesized authorized rows, the other way round). Without a feasible checkpoint the lowest drop wins. Without validation rows (tiny data) nothing
     is selected and the last mask is returned.
     """
 
@@ -710,6 +712,8 @@ class CheckpointSelector:
         if bar.key[0] == 1:
             return bar
         within = [c for c in self.candidates if c.key[1] <= bar.key[1] + bar.se]
+        if self.cfg.tie_break == "drop":
+            return min(within, key=lambda c: (c.key[2], c.worst_top1))
         return min(within, key=lambda c: (c.worst_top1, c.key[2]))
 
     def chosen(self, masked: list[MaskedParam]) -> dict[str, torch.Tensor]:

@@ -47,10 +47,12 @@ def test_selection_key_prefers_feasible_masks_then_protection_then_drop():
     assert selection_key(1.5, [50.0], budget) < selection_key(2.5, [0.0], budget)     # infeasible: lower drop first
 
 
-def _selector_with(entries, budget=1.0):
+def _selector_with(entries, budget=1.0, tie_break="top1"):
     """A CheckpointSelector fed (drop, figures, worst top-1, rows of the worst domain or of each domain)
     records directly."""
+    from mapc.config import MaskConfig
     sel = CheckpointSelector.__new__(CheckpointSelector)
+    sel.cfg = MaskConfig(source_budget=budget, tie_break=tie_break)
     sel.candidates = []
     for step, (drop, figures, top, rows) in enumerate(entries):
         worst = int(np.argmax(figures))
@@ -87,6 +89,17 @@ def test_checkpoints_within_one_standard_error_are_chosen_by_worst_top1_then_dro
     # nothing feasible: the lowest drop
     sel = _selector_with([(2.5, [10.0], 10.0, 199), (1.5, [30.0], 30.0, 199), (2.0, [5.0], 5.0, 199)])
     assert sel.best().step == 1 and len(sel.candidates) == 1
+
+
+def test_the_drop_tie_break_chooses_the_lowest_drop_among_tied_checkpoints():
+    # 0 and 1 are tied on the worst figure (within one SE on 199 rows); 2 is not. "drop" takes 0 (drop 0.2)
+    # where "top1" takes 1 (top-1 10.5); the untied 2 (drop 0.1) is chosen by neither.
+    entries = [(0.2, [15.0, 12.0], 12.5, 199), (0.4, [16.5, 12.0], 10.5, 199), (0.1, [19.0, 11.0], 9.0, 199)]
+    assert _selector_with(entries, tie_break="top1").best().step == 1
+    assert _selector_with(entries, tie_break="drop").best().step == 0
+    # equal drops fall back to the lower worst top-1
+    entries = [(0.3, [15.0], 12.0, 199), (0.3, [16.0], 11.0, 199)]
+    assert _selector_with(entries, tie_break="drop").best().step == 1
 
 
 def test_checkpoint_masks_round_trip_through_the_packed_bits():
