@@ -56,7 +56,8 @@ JITTER = {"source-available": 0, "source-free": 2, "data-free": 2}
 # the label out of the logits. Against synthesized neighbor domains (data-free) it buys nothing on the real
 # domains the mask is meant for and costs the authorized domain: on the plain sample (one thread, seeds 0/1)
 # real uci's held-out probe read 86.7/88.2 % with it and 89.5/88.9 % without, while the chosen masks dropped
-# mnist 2.60/2.60 points with it and 2.00/2.50 without (samples/README.md, "Data-free: the probe term").
+# mnist 2.60/2.60 points with it and 2.00/2.50 without (samples/README.md, "Later still"). With it off the
+# checkpoint choice reads top-1 alone (mapc.masking.CheckpointSelector).
 PROBE_WEIGHT = {"source-available": 2.0, "source-free": 2.0, "data-free": 0.0}
 # Default mask steps and checkpoint tie-break per mode. Source-free learns with 45 % of every layer locked and
 # on its hardest rows, and keeps breaking uci after 1,000 steps. Among checkpoints statistically tied on the

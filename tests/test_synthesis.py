@@ -174,6 +174,11 @@ def test_mode_end_to_end_on_tiny_model(tmp_path, tiny_models, small_domains, mod
     assert sealed["mapc.learned_from"] == report["learned_from"]
     assert sealed["mapc.learned_from"]["unauthorized"] == ("synthesized neighbor domains" if mode == "data-free"
                                                            else "real train rows")
+    used = report["mask"]["config"]               # the mode's defaults reached the compile; --steps won
+    assert used["tie_break"] == "drop" and used["steps"] == 30
+    assert used["probe_weight"] == (0.0 if mode == "data-free" else 2.0)
+    assert all(("val_unauthorized_probe" in h) == (mode != "data-free")
+               for h in report["mask"]["history"] if "val_source_drop" in h)
 
 
 def test_without_authorized_data_the_source_gate_fails_closed(tmp_path, tiny_models, small_domains):
