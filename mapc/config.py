@@ -113,7 +113,8 @@ class MaskConfig:
     def __post_init__(self):
         if self.granularity not in ("weight", "channel"):
             raise UserError(f"mask.granularity must be 'weight' or 'channel', got {self.granularity!r}")
-        if (self.steps is not None and self.steps < 1) or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0:
+        steps_ok = self.steps is None or self.steps >= 1
+        if not steps_ok or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0:
             raise UserError("mask.steps, mask.batch_size, mask.lr and mask.temperature must be positive")
         if self.keep_salient is not None and not 0.0 <= self.keep_salient < 1.0:
             raise UserError(f"mask.keep_salient must be in [0, 1), got {self.keep_salient}")

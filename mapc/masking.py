@@ -79,8 +79,8 @@ binomial standard error of it (on the worst domain's validation rows: uci's 199 
 about 2.5 points at 15 %) is as good as far as the rows can tell, and among those the lowest worst top-1
 wins (what a release gate measures), then the lowest drop (``tie_break`` "top1", the default with real
 authorized rows; "drop", the default with synthesized ones, takes the lowest drop first). With the probe
-term off (``probe_weight`` 0, the data-free default) the figure is top-1 alone. Measured on the sample (default threads,
-seeds 0-4, test rows): worst top-1 12.3/11.2/13.2/12.8/12.3 -> 11.8/9.9/13.2/12.3/12.1 %, drop
+term off (``probe_weight`` 0, the data-free default) the figure is top-1 alone. Measured on the sample
+(default threads, seeds 0-4, test rows): worst top-1 12.3/11.2/13.2/12.8/12.3 -> 11.8/9.9/13.2/12.3/12.1 %, drop
 -0.10/-0.10/0.40/0.45/0.40 -> 0.15/0.35/0.40/0.50/0.65 points. Top-1 alone sits at chance at nearly
 every checkpoint and, as the only figure, chose by noise: the probe in the figure moved drop 1.00/0.65
 -> 0.40/0.40 points and uci's probe 21.1/16.3 -> 13.5/16.1 % (seeds 2/4).
@@ -438,12 +438,12 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm, wo
     history = selector.history
     t0 = time.perf_counter()
     ramp = max(1, min(cfg.ramp_steps, cfg.steps // 3))
-    hard = cfg.hard_keep or 1            # unresolved (None): off
+    hard = cfg.hard_keep or 1            # 0 is off too
     shard = Shard(dist.rank, dist.world) if dist is not None else Shard()
     k = len(data.unauth)
     loader = step_loader([data.auth, *data.unauth], [cfg.batch_size * hard] + [cfg.batch_size] * k,
                          cfg.steps, rng, device, workers, shard, sharded=[hard == 1] + [True] * k,
-                         jitter=[cfg.jitter or 0] + [0] * k)
+                         jitter=[cfg.jitter] + [0] * k)
     rows_per_step = cfg.batch_size * (1 + len(data.unauth))
     try:
         bar = tqdm(range(cfg.steps), desc="mask", file=sys.stderr, disable=not progress, leave=False,
@@ -685,17 +685,18 @@ class CheckpointSelector:
             return
         apply_masks(masked)
         drop = self.base_val - self.accuracy(self.data.val_auth)
+        probing = self.cfg.probe_weight > 0      # the probe is measured only with its term on
         accs, probes = [], []
         for rows in self.data.val_unauth:
             z = _logits(self.module, rows, self.device, tap=self.tap, dist=self.dist)
             accs.append(top1(z, rows.labels))
             probes.append(held_out_probe(z.cpu().double().numpy(), rows.labels, z.shape[1])
-                          if self.cfg.probe_weight > 0 and len(rows) else 0.0)
+                          if probing and len(rows) else 0.0)
         figures = [max(a, p) for a, p in zip(accs, probes)]
         worst = int(np.argmax(figures)) if figures else None
         se = standard_error(figures[worst], len(self.data.val_unauth[worst])) if figures else 0.0
         record = {"step": step, "val_source_drop": drop, "val_unauthorized_acc": accs}
-        if self.cfg.probe_weight > 0:       # measured only with the probe term on; not a 0 % reading
+        if probing:                              # unmeasured is not a 0 % reading
             record["val_unauthorized_probe"] = probes
         self.history.append(record)
         self.candidates.append(Checkpoint(selection_key(drop, figures, self.cfg.source_budget), se,

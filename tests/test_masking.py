@@ -147,13 +147,12 @@ def test_keep_salient_resolves_by_where_the_authorized_rows_come_from():
     assert MaskConfig().resolved_for("source-available").jitter == 0
     assert MaskConfig().resolved_for("source-free").jitter == MaskConfig().resolved_for("data-free").jitter == 2
     assert MaskConfig(jitter=0).resolved_for("source-free").jitter == 0
-    assert MaskConfig().resolved_for("source-available").probe_weight == MaskConfig().resolved_for("source-free").probe_weight == 2.0
-    assert MaskConfig().resolved_for("data-free").probe_weight == 0.0
+    sa, sf, df = (MaskConfig().resolved_for(m) for m in ("source-available", "source-free", "data-free"))
+    assert sa.probe_weight == sf.probe_weight == 2.0 and df.probe_weight == 0.0
     assert MaskConfig(probe_weight=1.5).resolved_for("data-free").probe_weight == 1.5
-    assert MaskConfig().resolved_for("source-free").steps == 1500 and MaskConfig().resolved_for("data-free").steps == 1000
+    assert sf.steps == 1500 and df.steps == 1000
     assert MaskConfig(steps=7).resolved_for("source-free").steps == 7
-    assert MaskConfig().resolved_for("source-available").tie_break == "top1"
-    assert MaskConfig().resolved_for("source-free").tie_break == MaskConfig().resolved_for("data-free").tie_break == "drop"
+    assert sa.tie_break == "top1" and sf.tie_break == df.tie_break == "drop"
     with pytest.raises(UserError, match="mask.tie_break"):
         MaskConfig(tie_break="worst")
     with pytest.raises(UserError, match="mask.source_budget"):
