@@ -92,6 +92,7 @@ class MaskConfig:
     adaptive_domains: bool = True        # weight each unauthorized domain by its current batch accuracy
     uniform_weight: float = 1.0          # CE-to-uniform on unauthorized batches
     independence_weight: float = 0.0     # between-class scatter of log-probabilities / total scatter
+    collapse_weight: float = 0.0         # within-domain scatter of log-probabilities (one output for every row)
     probe_weight: float | None = None    # in-batch ridge probe: R^2 of one-hot labels from standardised logits;
                                          # None: the mode's PROBE_WEIGHT (2 with real unauthorized rows)
     probe_alpha: float = 1.0             # the in-batch probe's ridge
@@ -124,6 +125,8 @@ class MaskConfig:
             raise UserError(f"mask.source_budget must be 0 or more points, got {self.source_budget}")
         if self.probe_weight is not None and not self.probe_weight >= 0:
             raise UserError(f"mask.probe_weight must be 0 or more, got {self.probe_weight}")
+        if not self.collapse_weight >= 0:
+            raise UserError(f"mask.collapse_weight must be 0 or more, got {self.collapse_weight}")
         if self.jitter is not None and self.jitter < 0:
             raise UserError(f"mask.jitter must be 0 or a positive number of pixels, got {self.jitter}")
 

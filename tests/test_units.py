@@ -13,7 +13,8 @@ import passes
 from mapc.atomic import staged_dir
 from mapc.cli import main
 from mapc.evaluate import st_d, wilson_interval
-from mapc.masking import Checkpoint, CheckpointSelector, held_out_probe, margin_loss, selection_key, standard_error
+from mapc.masking import (Checkpoint, CheckpointSelector, held_out_probe, margin_loss, selection_key, standard_error,
+                          within_domain_scatter)
 from mapc.preprocess import Preprocess, apply
 
 
@@ -136,6 +137,28 @@ def test_margin_loss_pushes_the_true_class_off_the_top():
     z = on_top.clone().requires_grad_(True)
     margin_loss(z, y, 1.0).backward()
     assert z.grad[0, 0] > 0 and z.grad[1, 1] > 0      # gradient descent lowers the true-class logit
+
+
+def test_within_domain_scatter_is_zero_for_one_common_output_and_pulls_the_outlier_in():
+    common = torch.tensor([[3.0, 0.0, 1.0]] * 4)
+    assert float(within_domain_scatter(common)) == pytest.approx(0.0, abs=1e-12)
+    assert float(within_domain_scatter(common + torch.tensor([[0.0], [1.0], [2.0], [-5.0]]))) == pytest.approx(
+        0.0, abs=1e-12)                                   # a shift of all logits is the same output
+    z = common.clone()
+    z[3] = torch.tensor([0.0, 4.0, 0.0])                  # one row still stands out (a let-through row)
+    z.requires_grad_(True)
+    loss = within_domain_scatter(z)
+    lp = torch.log_softmax(z.detach(), 1)
+    assert float(loss) == pytest.approx(float((lp - lp.mean(0)).pow(2).sum(1).mean()))
+    loss.backward()
+    assert z.grad[3, 1] > 0 and z.grad[3].abs().sum() > z.grad[0].abs().sum()   # descent pulls the outlier in most
+
+
+def test_mask_config_refuses_a_negative_collapse_weight():
+    from mapc.config import MaskConfig
+    from mapc.errors import UserError
+    with pytest.raises(UserError, match="collapse_weight"):
+        MaskConfig(collapse_weight=-1.0)
 
 
 def test_preprocess_apply_is_the_documented_formula():
