@@ -29,20 +29,20 @@ import onnx
 from onnx import numpy_helper
 
 from mapc.datasets import load_domain
-from mapc.evaluate import run_logits, session
-from mapc.preprocess import apply, preprocess_from
+from mapc.evaluate import accuracy, run_logits, session
+from mapc.measure import MeasuredRows
+from mapc.preprocess import preprocess_from
 
 
-def test_rows(report: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
+def test_rows(report: dict, name: str) -> MeasuredRows:
     d = report["domains"][name]
-    dom = load_domain(name, d["path"])
-    idx = dom.rows("test")
-    return apply(preprocess_from(report["preprocess"]), dom.images[idx]), dom.labels[idx]
+    return MeasuredRows.test_rows(load_domain(name, d["path"]), d["role"],
+                                  preprocess_from(report["preprocess"])).in_memory()
 
 
-def masks_of(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
-    by_name = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    return {n: by_name[n] != 0 for n in names}
+def masked_weights(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+    by_name = {i.name: i for i in model.graph.initializer}
+    return {n: numpy_helper.to_array(by_name[n]) for n in names}
 
 
 def with_mask(template: onnx.ModelProto, values: dict[str, np.ndarray], keep: dict[str, np.ndarray]) -> bytes:
@@ -57,13 +57,14 @@ def with_mask(template: onnx.ModelProto, values: dict[str, np.ndarray], keep: di
 @dataclass
 class Spread:
     """What ``spread`` measured: per artifact, top-1 per domain (authorized first), the predicted-class
-    histogram on the read domain and the pruned fraction read back from its zeros; rows read correctly
-    under k of n masks; majority votes."""
+    histogram on the read domain and the pruned fraction read back from its zeros (beside the report's);
+    rows read correctly under k of n masks; majority votes."""
     authorized: str
     domain: str
     top1: list[dict[str, float]]
     histogram: list[list[int]]
     pruned_read_back: list[float]
+    pruned_reported: list[float]
     correct_under: list[int]
     triples: dict[tuple[int, ...], dict[str, float]] = field(default_factory=dict)
     at_least: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -75,32 +76,29 @@ def spread(outdirs: list[Path], domain: str) -> Spread:
     auth = next(n for n, d in reports[0]["domains"].items() if d["role"] == "authorized")
     rows = {n: test_rows(reports[0], n) for n in (auth, domain)}
     names = sorted(reports[0]["mask"]["density"])
-    masks = [masks_of(m, names) for m in models]
+    per_model = [masked_weights(m, names) for m in models]
+    weights = {n: np.stack([w[n] for w in per_model]) for n in names}
+    kept = {n: w != 0 for n, w in weights.items()}             # n_models x shape
     # where any artifact keeps a weight it holds the folded original value (every artifact folds the same way)
-    values = {}
-    for n in names:
-        w = np.stack([numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == n)) for m in models])
-        kept = w != 0
-        values[n] = np.where(kept.any(0), w.sum(0) / np.maximum(kept.sum(0), 1), 0.0)
+    values = {n: np.where(kept[n].any(0), w.sum(0) / np.maximum(kept[n].sum(0), 1), 0.0) for n, w in weights.items()}
 
     def measure(model: bytes) -> tuple[dict[str, float], np.ndarray]:
+        """Top-1 per domain, and the predicted classes on the read domain."""
         sess = session(model)
-        top1, pred = {}, None
-        for n, (x, y) in rows.items():
-            pred = run_logits(sess, x).argmax(1)
-            top1[n] = 100.0 * float((pred == y).mean())
-        return top1, pred                       # pred: on the read domain (measured last)
+        logits = {n: run_logits(sess, r.x) for n, r in rows.items()}
+        return {n: accuracy(z, rows[n].labels) for n, z in logits.items()}, logits[domain].argmax(1)
 
     def voted(members, k: int) -> dict[str, float]:
-        keep = {n: np.stack([masks[i][n] for i in members]).sum(0) >= k for n in names}
+        keep = {n: kept[n][list(members)].sum(0) >= k for n in names}
         return measure(with_mask(models[0], values, keep))[0]
 
     single = [measure(m.SerializeToString()) for m in models]
-    y = rows[domain][1]
-    total = sum(masks[0][n].size for n in names)
+    y = rows[domain].labels
+    total = sum(kept[n][0].size for n in names)
     out = Spread(auth, domain, [t for t, _ in single],
                  [np.bincount(p, minlength=reports[0]["model"]["num_classes"]).tolist() for _, p in single],
-                 [sum(int((~k[n]).sum()) for n in names) / total for k in masks],
+                 [sum(int((~kept[n][i]).sum()) for n in names) / total for i in range(len(models))],
+                 [r["mask"]["pruned_fraction"] for r in reports],
                  np.bincount(np.stack([p == y for _, p in single]).sum(0), minlength=len(models) + 1).tolist())
     if len(models) >= 3:
         out.triples = {t: voted(t, 2) for t in itertools.combinations(range(len(models)), 3)}
@@ -117,8 +115,7 @@ def main() -> None:
     a, u = s.authorized, s.domain
     print(f"| artifact | pruned (read back / report) | {a} | {u} | {u} predictions per class |")
     print("|---|---|---|---|---|")
-    for d, t, h, pr in zip(args.outdirs, s.top1, s.histogram, s.pruned_read_back):
-        reported = json.loads((d / "report.json").read_text())["mask"]["pruned_fraction"]
+    for d, t, h, pr, reported in zip(args.outdirs, s.top1, s.histogram, s.pruned_read_back, s.pruned_reported):
         print(f"| {d} | {100 * pr:.2f} / {100 * reported:.2f} % | {t[a]:.2f} % | {t[u]:.1f} % | {' '.join(map(str, h))} |")
     print(f"\n{u} test rows read correctly under k of {len(args.outdirs)} masks (k = 0..{len(args.outdirs)}): "
           f"{' '.join(map(str, s.correct_under))}")
