@@ -198,7 +198,8 @@ def compile_cmd(model, config_path, authorized, unauthorized, outdir, mode, arch
         sys.exit(run(nproc, sys.argv[1:]))
     report = compile_model(cfg, outdir, progress=not quiet)
     if report is None:             # a helper process of a data-parallel run: process 0 reports
-        sys.exit(0)
+        from .distributed import leave_helper
+        leave_helper()
     if as_json:
         click.echo(json.dumps(report, default=str))
     else:
