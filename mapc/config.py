@@ -67,8 +67,9 @@ PROBE_WEIGHT = {"source-available": 2.0, "source-free": 2.0, "data-free": 0.0}
 # lose. Measured on the plain sample in source-free mode (default threads, seeds 0/1/2; samples/README.md,
 # "Later still"): 1,000 steps, top-1 tie-break: drop 1.80/1.70/1.45, uci 20.6/12.7/14.4 %; 1,500 steps,
 # top-1: 2.05/1.65/2.20, uci 12.8/14.3/12.8 %; 1,500 steps, drop: 1.40/1.80/1.35, uci 16.3/19.0/14.7 % (scratch
-# replays). The README's modes table with these defaults: 1.50/1.55/1.35, uci 17.0/12.9/15.0 %; out of sample
-# (seeds 3-6) the drop reached 2.05 at seed 5.
+# replays). With these defaults, seeds 0-2: 1.50/1.55/1.35, uci 17.0/12.9/15.0 % on the machine they were chosen
+# on (out of sample the drop reached 2.05 at seed 5), 1.95/1.80/1.65, uci 15.8/13.0/13.7 % on the one the
+# README's modes table was last measured on.
 STEPS = {"source-available": 1000, "source-free": 1500, "data-free": 1000}
 TIE_BREAK = {"source-available": "top1", "source-free": "drop", "data-free": "drop"}
 TIE_BREAKS = ("top1", "drop")
