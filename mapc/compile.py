@@ -351,12 +351,9 @@ def unauthorized_rows(cfg: CompileConfig, p: Prepared, auth: Rows, val_auth: Row
     unauth, val_unauth = [], []
     if p.mode == "data-free":
         from .synthesis import neighbor_domains
-        pre = cfg.preprocess
-        for shifted in neighbor_domains(torch.from_numpy(auth.materialize()), cfg.seed, pre.mean, pre.std):
-            unauth.append(ArrayRows(shifted.numpy(), auth.labels))          # the shifts keep the class content
-        for shifted in neighbor_domains(torch.from_numpy(val_auth.materialize()), cfg.seed + 1, pre.mean, pre.std):
-            val_unauth.append(ArrayRows(shifted.numpy(), val_auth.labels))
-        return unauth, val_unauth
+        pre, syn = cfg.preprocess, cfg.synthesis
+        return neighbor_domains(auth, val_auth, cfg.seed, syn.neighbor_min_strength, syn.neighbor_compose,
+                                pre.mean, pre.std)
     for n in cfg.unauthorized:
         train, val = selection_split(p.splits[n].train)
         unauth.append(train)

@@ -81,7 +81,8 @@ Optimiser: momentum SGD on per-tensor RMS-normalised score gradients (Adam
 moves every score at the same rate and flips most of a layer at once).
 The mask is chosen among checkpoints every ``eval_every`` steps on validation rows held out of the
 train rows (never the test rows). A checkpoint is feasible when its validation source drop stays within
-``source_budget`` points. A domain's figure is the larger of its top-1 and, when the probe term is on,
+``source_budget`` points (1; 5 in data-free mode, whose synthesized validation rows overstate the real drop:
+``config.SOURCE_BUDGET``). A domain's figure is the larger of its top-1 and, when the probe term is on,
 what a linear probe recovers on its validation rows (``held_out_probe``: two-fold, fitted on one half
 of the rows and scored on the other); a checkpoint's worst figure is the largest over the domains. The
 feasible checkpoint with the lowest worst figure sets the bar; every feasible checkpoint within one

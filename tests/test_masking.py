@@ -150,8 +150,10 @@ def test_keep_salient_resolves_by_where_the_authorized_rows_come_from():
     sa, sf, df = (MaskConfig().resolved_for(m) for m in ("source-available", "source-free", "data-free"))
     assert sa.probe_weight == sf.probe_weight == 2.0 and df.probe_weight == 0.0
     assert MaskConfig(probe_weight=1.5).resolved_for("data-free").probe_weight == 1.5
-    assert sf.steps == 1500 and df.steps == 1000
+    assert sf.steps == 1500 and sa.steps == df.steps == 1000
     assert MaskConfig(steps=7).resolved_for("source-free").steps == 7
+    assert sa.source_budget == sf.source_budget == 1.0 and df.source_budget == 5.0
+    assert MaskConfig(source_budget=0.5).resolved_for("data-free").source_budget == 0.5
     assert sa.tie_break == "top1" and sf.tie_break == df.tie_break == "drop"
     with pytest.raises(UserError, match="mask.tie_break"):
         MaskConfig(tie_break="worst")

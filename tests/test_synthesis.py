@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -10,7 +11,9 @@ from click.testing import CliRunner
 from mapc.cli import main
 from mapc.errors import UserError
 from mapc.models import load_model
-from mapc.synthesis import INSIDE_FRACTION, BNProbe, SynthesisConfig, chroma, invert, neighbor_domains, separability
+from mapc.rows import ArrayRows
+from mapc.synthesis import (INSIDE_FRACTION, NEIGHBOR_KINDS, NEIGHBOR_VARIANTS, BNProbe, NeighborRows, SynthesisConfig,
+                            chroma, invert, neighbor_domains, separability)
 from tests.conftest import ROOT
 from tests.tiny_models import plain, residual
 
@@ -133,11 +136,51 @@ def test_models_without_batchnorm_or_torchscript_are_refused(tiny_models):
 
 
 def test_neighbor_domains_keep_shape_and_differ():
-    x = torch.randn(8, 3, 16, 16) * 0.3
-    shifted = neighbor_domains(x, 0, (0.5,) * 3, (0.5,) * 3)
-    assert len(shifted) == 7
-    for s in shifted:
-        assert s.shape == x.shape and not torch.allclose(s, x)
+    x = (torch.rand(8, 3, 16, 16) - 0.5) * 1.5
+    base = ArrayRows(x.numpy(), np.arange(8) % 3)
+    train, val = neighbor_domains(base, base, 0, 0.1, 0.5, (0.5,) * 3, (0.5,) * 3)
+    assert len(train) == len(val) == len(NEIGHBOR_KINDS)
+    for t, v in zip(train, val):
+        assert len(t) == 8 * NEIGHBOR_VARIANTS and len(v) == 8
+        assert (t.labels[:16] == np.tile(base.labels, 2)).all() and (v.labels == base.labels).all()
+        rows = t.take(np.array([3, 11, 8 * NEIGHBOR_VARIANTS - 1]))
+        assert rows.shape == (3, 3, 16, 16) and rows.dtype == np.float32
+        assert not np.allclose(t.take(np.arange(8)), x.numpy())
+        assert not np.allclose(t.take(np.arange(8)), t.take(np.arange(8, 16)))   # another draw of each row
+
+
+def test_neighbor_rows_read_the_same_in_any_batch():
+    """A row's shift is a pure function of its index: batches, order and workers cannot change it."""
+    x = (torch.rand(6, 3, 16, 16) - 0.5) * 1.5
+    for kind in range(len(NEIGHBOR_KINDS)):
+        rows = NeighborRows(ArrayRows(x.numpy()), kind, 7, 0.1, 0.5, (0.5,) * 3, (0.5,) * 3)
+        idx = np.array([40, 3, 17, 99, 5])
+        together = rows.take(idx)
+        alone = np.concatenate([rows.take(idx[i:i + 1]) for i in range(len(idx))])
+        np.testing.assert_array_equal(together, alone)
+        np.testing.assert_array_equal(rows.take(idx[::-1]), together[::-1])
+        other_seed = NeighborRows(ArrayRows(x.numpy()), kind, 8, 0.1, 0.5, (0.5,) * 3, (0.5,) * 3)
+        if NEIGHBOR_KINDS[kind] not in ("inverted", "blurred", "low", "bold"):   # random shifts
+            assert not np.array_equal(other_seed.take(idx), together)
+
+
+def test_neighbor_strength_blends_toward_the_full_shift():
+    """Strength 1 without composition is the full shift; lower strengths lie between image and shift."""
+    x = (torch.rand(4, 3, 16, 16) - 0.5) * 1.5
+    pre = ((0.5,) * 3, (0.5,) * 3)
+    kind = NEIGHBOR_KINDS.index("inverted")
+    full = NeighborRows(ArrayRows(x.numpy()), kind, 0, 1.0, 0.0, *pre).take(np.arange(4))
+    np.testing.assert_allclose(full, -x.clamp(-1, 1).numpy(), atol=1e-6)   # 1 - p in pixels is -x normalised
+    part = NeighborRows(ArrayRows(x.numpy()), kind, 0, 0.0, 0.0, *pre).take(np.arange(4))
+    lo, hi = np.minimum(x.clamp(-1, 1).numpy(), full), np.maximum(x.clamp(-1, 1).numpy(), full)
+    assert (part >= lo - 1e-6).all() and (part <= hi + 1e-6).all()
+
+
+def test_neighbor_settings_are_validated():
+    with pytest.raises(UserError, match="neighbor_min_strength"):
+        SynthesisConfig(neighbor_min_strength=1.5)
+    with pytest.raises(UserError, match="neighbor_compose"):
+        SynthesisConfig(neighbor_compose=-0.1)
 
 
 def run_cli(args):
