@@ -334,6 +334,9 @@ class _Draws:
 
     def uniform(self, *shape: int) -> torch.Tensor:
         count = int(np.prod(shape)) if shape else 1
+        if self.used + count > self.PER_ROW:
+            raise ValueError(f"a neighbor row may draw {self.PER_ROW} random numbers; this one asks for "
+                             f"{self.used + count} (input too large for the data-free neighbor shifts)")
         keys = self.base[:, None] + np.arange(self.used, self.used + count, dtype=np.uint64)[None, :]
         self.used += count
         return torch.from_numpy(_hashed_uniform(keys).astype(np.float32)).view(len(self.base), *shape)
@@ -369,7 +372,8 @@ class NeighborRows(Rows):
     """One synthesized neighbor domain over ``base`` (normalised synthesized rows): row i is base row
     i mod N, shifted by ``NEIGHBOR_KINDS[kind]`` at strength a (the image moved a of the way to its
     shifted self) and, with probability ``compose``, then by another kind at its own strength b; a, b
-    uniform in [min_strength, 1]. Every random number of row i is a pure function of (seed, kind, i), so
+    uniform in [min_strength, 1]. Every random number of row i is a pure function of (seed, kind, i) (the
+    second shift's: of (seed, its kind, i), so two domains composed with the same kind share them), so
     a row reads the same in any batch, worker or process, and ``variants`` draws per base row (i up to
     N * variants) give a training domain that rarely repeats a row. Labels: the base rows' (the shifts
     keep the class content)."""
@@ -390,7 +394,8 @@ class NeighborRows(Rows):
         pix = to_pixels(x, self.pre_mean, self.pre_std)
         pix = self.blend(pix, NEIGHBOR_KINDS[self.kind], draws)
         if self.compose > 0:
-            other = (self.kind + 1 + (draws.uniform(1, 1, 1) * (len(NEIGHBOR_KINDS) - 1)).long()) % len(NEIGHBOR_KINDS)
+            step = (draws.uniform(1, 1, 1) * (len(NEIGHBOR_KINDS) - 1)).long().clamp(max=len(NEIGHBOR_KINDS) - 2)
+            other = (self.kind + 1 + step) % len(NEIGHBOR_KINDS)     # never the domain's own kind
             twice = pix.clone()
             for k in other.view(-1).unique().tolist():
                 rows = (other.view(-1) == k).nonzero().view(-1)

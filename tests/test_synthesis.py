@@ -160,8 +160,7 @@ def test_neighbor_rows_read_the_same_in_any_batch():
         np.testing.assert_array_equal(together, alone)
         np.testing.assert_array_equal(rows.take(idx[::-1]), together[::-1])
         other_seed = NeighborRows(ArrayRows(x.numpy()), kind, 8, 0.1, 0.5, (0.5,) * 3, (0.5,) * 3)
-        if NEIGHBOR_KINDS[kind] not in ("inverted", "blurred", "low", "bold"):   # random shifts
-            assert not np.array_equal(other_seed.take(idx), together)
+        assert not np.array_equal(other_seed.take(idx), together)     # strengths (at least) differ
 
 
 def test_neighbor_strength_blends_toward_the_full_shift():
@@ -174,6 +173,14 @@ def test_neighbor_strength_blends_toward_the_full_shift():
     part = NeighborRows(ArrayRows(x.numpy()), kind, 0, 0.0, 0.0, *pre).take(np.arange(4))
     lo, hi = np.minimum(x.clamp(-1, 1).numpy(), full), np.maximum(x.clamp(-1, 1).numpy(), full)
     assert (part >= lo - 1e-6).all() and (part <= hi + 1e-6).all()
+    assert not np.allclose(part, full, atol=1e-3) and not np.allclose(part, x.clamp(-1, 1).numpy(), atol=1e-3)
+    # each row's own strength: (part - x) / (full - x) is one number per row, in [0, 1], not all the same
+    a = [float(np.nanmedian((p - xi) / np.where(np.abs(f - xi) > 1e-3, f - xi, np.nan)))
+         for p, xi, f in zip(part, x.clamp(-1, 1).numpy(), full)]
+    assert all(0.0 <= v <= 1.0 for v in a) and max(a) - min(a) > 0.05
+    # training row N + i is another draw of base row i (here: the same full inversion)
+    again = NeighborRows(ArrayRows(x.numpy()), kind, 0, 1.0, 0.0, *pre).take(np.array([4 + 1, 2 * 4 + 3]))
+    np.testing.assert_allclose(again, full[[1, 3]], atol=1e-6)
 
 
 def test_neighbor_settings_are_validated():
