@@ -334,9 +334,6 @@ class _Draws:
 
     def uniform(self, *shape: int) -> torch.Tensor:
         count = int(np.prod(shape)) if shape else 1
-        if self.used + count > self.PER_ROW:
-            raise ValueError(f"a neighbor row may draw {self.PER_ROW} random numbers; this one asks for "
-                             f"{self.used + count} (input too large for the data-free neighbor shifts)")
         keys = self.base[:, None] + np.arange(self.used, self.used + count, dtype=np.uint64)[None, :]
         self.used += count
         return torch.from_numpy(_hashed_uniform(keys).astype(np.float32)).view(len(self.base), *shape)
@@ -380,6 +377,11 @@ class NeighborRows(Rows):
 
     def __init__(self, base: Rows, kind: int, seed: int, min_strength: float, compose: float,
                  pre_mean, pre_std, variants: int = NEIGHBOR_VARIANTS):
+        c, h, w = base.take(np.arange(1)).shape[1:]
+        if 2 * c * h * w + 3 > _Draws.PER_ROW:   # a row's most numbers: strength, noise (2 per value), picks
+            raise UserError(f"--mode data-free: the neighbor shifts draw at most {_Draws.PER_ROW} random numbers "
+                            f"per image and a {c}x{h}x{w} input needs {2 * c * h * w + 3}; use a smaller input size "
+                            f"or give unauthorized data (--mode source-free)")
         self.base, self.kind, self.seed, self.variants = base, kind, seed, variants
         self.min_strength, self.compose, self.pre_mean, self.pre_std = min_strength, compose, pre_mean, pre_std
         self.labels = None if base.labels is None else np.tile(base.labels, variants)
@@ -412,9 +414,9 @@ class NeighborRows(Rows):
 
 def neighbor_domains(train: Rows, val: Rows, seed: int, min_strength: float, compose: float, pre_mean,
                      pre_std) -> tuple[list[Rows], list[Rows]]:
-    """(train, validation) neighbor domains, one per ``NEIGHBOR_KINDS``: training domains draw afresh (
-    ``NEIGHBOR_VARIANTS`` per synthesized row, read a batch at a time); validation domains are one fixed draw
-    over the held-out synthesized rows (another seed), kept in memory."""
+    """(train, validation) neighbor domains, one per ``NEIGHBOR_KINDS``: training domains draw afresh
+    (``NEIGHBOR_VARIANTS`` per synthesized row, read a batch at a time); validation domains are one fixed
+    draw over the held-out synthesized rows (another seed), kept in memory."""
     out_train, out_val = [], []
     for k in range(len(NEIGHBOR_KINDS)):
         out_train.append(NeighborRows(train, k, seed, min_strength, compose, pre_mean, pre_std))

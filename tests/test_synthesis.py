@@ -138,7 +138,7 @@ def test_models_without_batchnorm_or_torchscript_are_refused(tiny_models):
 def test_neighbor_domains_keep_shape_and_differ():
     x = (torch.rand(8, 3, 16, 16) - 0.5) * 1.5
     base = ArrayRows(x.numpy(), np.arange(8) % 3)
-    train, val = neighbor_domains(base, base, 0, 0.1, 0.5, (0.5,) * 3, (0.5,) * 3)
+    train, val = neighbor_domains(base, base, 0, 0.1, 0.5, *HALF)
     assert len(train) == len(val) == len(NEIGHBOR_KINDS)
     for t, v in zip(train, val):
         assert len(t) == 8 * NEIGHBOR_VARIANTS and len(v) == 8
@@ -153,24 +153,23 @@ def test_neighbor_rows_read_the_same_in_any_batch():
     """A row's shift is a pure function of its index: batches, order and workers cannot change it."""
     x = (torch.rand(6, 3, 16, 16) - 0.5) * 1.5
     for kind in range(len(NEIGHBOR_KINDS)):
-        rows = NeighborRows(ArrayRows(x.numpy()), kind, 7, 0.1, 0.5, (0.5,) * 3, (0.5,) * 3)
+        rows = NeighborRows(ArrayRows(x.numpy()), kind, 7, 0.1, 0.5, *HALF)
         idx = np.array([40, 3, 17, 99, 5])
         together = rows.take(idx)
         alone = np.concatenate([rows.take(idx[i:i + 1]) for i in range(len(idx))])
         np.testing.assert_array_equal(together, alone)
         np.testing.assert_array_equal(rows.take(idx[::-1]), together[::-1])
-        other_seed = NeighborRows(ArrayRows(x.numpy()), kind, 8, 0.1, 0.5, (0.5,) * 3, (0.5,) * 3)
+        other_seed = NeighborRows(ArrayRows(x.numpy()), kind, 8, 0.1, 0.5, *HALF)
         assert not np.array_equal(other_seed.take(idx), together)     # strengths (at least) differ
 
 
 def test_neighbor_strength_blends_toward_the_full_shift():
     """Strength 1 without composition is the full shift; lower strengths lie between image and shift."""
     x = (torch.rand(4, 3, 16, 16) - 0.5) * 1.5
-    pre = ((0.5,) * 3, (0.5,) * 3)
     kind = NEIGHBOR_KINDS.index("inverted")
-    full = NeighborRows(ArrayRows(x.numpy()), kind, 0, 1.0, 0.0, *pre).take(np.arange(4))
+    full = NeighborRows(ArrayRows(x.numpy()), kind, 0, 1.0, 0.0, *HALF).take(np.arange(4))
     np.testing.assert_allclose(full, -x.clamp(-1, 1).numpy(), atol=1e-6)   # 1 - p in pixels is -x normalised
-    part = NeighborRows(ArrayRows(x.numpy()), kind, 0, 0.0, 0.0, *pre).take(np.arange(4))
+    part = NeighborRows(ArrayRows(x.numpy()), kind, 0, 0.0, 0.0, *HALF).take(np.arange(4))
     lo, hi = np.minimum(x.clamp(-1, 1).numpy(), full), np.maximum(x.clamp(-1, 1).numpy(), full)
     assert (part >= lo - 1e-6).all() and (part <= hi + 1e-6).all()
     assert not np.allclose(part, full, atol=1e-3) and not np.allclose(part, x.clamp(-1, 1).numpy(), atol=1e-3)
@@ -179,8 +178,13 @@ def test_neighbor_strength_blends_toward_the_full_shift():
          for p, xi, f in zip(part, x.clamp(-1, 1).numpy(), full)]
     assert all(0.0 <= v <= 1.0 for v in a) and max(a) - min(a) > 0.05
     # training row N + i is another draw of base row i (here: the same full inversion)
-    again = NeighborRows(ArrayRows(x.numpy()), kind, 0, 1.0, 0.0, *pre).take(np.array([4 + 1, 2 * 4 + 3]))
+    again = NeighborRows(ArrayRows(x.numpy()), kind, 0, 1.0, 0.0, *HALF).take(np.array([4 + 1, 2 * 4 + 3]))
     np.testing.assert_allclose(again, full[[1, 3]], atol=1e-6)
+
+
+def test_neighbor_rows_refuse_inputs_too_large_to_draw_for():
+    with pytest.raises(UserError, match="neighbor shifts draw at most"):
+        NeighborRows(ArrayRows(np.zeros((1, 3, 2048, 2048), np.float32)), 0, 0, 0.1, 0.5, *HALF)
 
 
 def test_neighbor_settings_are_validated():
