@@ -246,11 +246,12 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
         auth, val_auth = selection_split(p.splits[p.auth_name].train)
     else:
         from .synthesis import invert
-        say(f"synthesizing {cfg.synthesis.images} pseudo-authorized images by model inversion "
-            f"({cfg.synthesis.method})")
-        sx, sy, stats = invert(module, p.loaded.format, cfg.preprocess.input_shape, p.num_classes,
-                               cfg.synthesis, cfg.seed, p.device, cfg.preprocess.mean, cfg.preprocess.std,
-                               progress=progress)
+        synthesis = cfg.synthesis.resolved_for(p.mode)
+        many = synthesis.method == "generator" and synthesis.generators > 1
+        say(f"synthesizing {synthesis.images * (synthesis.generators if many else 1)} pseudo-authorized images "
+            f"by model inversion ({synthesis.method}" + (f", {synthesis.generators} generators)" if many else ")"))
+        sx, sy, stats = invert(module, p.loaded.format, cfg.preprocess.input_shape, p.num_classes, synthesis,
+                               cfg.seed, p.device, cfg.preprocess.mean, cfg.preprocess.std, progress=progress)
         clock.seconds["synthesis_seconds"] = stats["seconds"]
         say(f"synthesis: {stats['seconds']:.1f} s; BN-statistics mismatch {stats['bn_mismatch_synthetic']:.3f} "
             f"(Gaussian noise: {stats['bn_mismatch_noise']:.3f})")

@@ -136,11 +136,14 @@ def invert(module: nn.Module, model_format: str, input_shape: tuple[int, int, in
         bar = tqdm(total=_total_steps(cfg), desc="synthesize", file=sys.stderr, disable=not progress, leave=False,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
         if cfg.method == "generator":
-            images, labels = _by_generator(probe, input_shape, num_classes, cfg, pre_mean, pre_std, g, device, bar)
+            parts = [_by_generator(probe, input_shape, num_classes, cfg, pre_mean, pre_std, g, device, bar)
+                     for _ in range(cfg.generators)]
+            images, labels = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
         else:
             images, labels = _by_pixels(probe, input_shape, num_classes, cfg, g, device, bar)
         bar.close()
         stats = {"method": cfg.method, "images": int(len(images)), "steps": cfg.steps,
+                 "generators": cfg.generators if cfg.method == "generator" else 0,
                  "bn_mismatch_synthetic": bn_mismatch(probe, images[:REFERENCE_ROWS]),
                  "bn_mismatch_noise": noise_mismatch(probe, images.shape[1:], device),
                  "seconds": time.perf_counter() - t0}
@@ -150,7 +153,10 @@ def invert(module: nn.Module, model_format: str, input_shape: tuple[int, int, in
 
 
 def _total_steps(cfg: SynthesisConfig) -> int:
-    return cfg.steps if cfg.method == "generator" else cfg.steps * ((cfg.images + cfg.batch - 1) // cfg.batch)
+    if cfg.method == "generator":
+        return cfg.steps * cfg.generators
+    return cfg.steps * ((cfg.images + cfg.batch - 1) // cfg.batch)
+
 
 
 def balanced_labels(n: int, num_classes: int, g: torch.Generator) -> torch.Tensor:
@@ -208,7 +214,8 @@ class ConditionalGenerator(nn.Module):
 
 def _by_generator(probe, input_shape, num_classes, cfg, pre_mean, pre_std, g, device, bar):
     """Train a conditional generator against the frozen model (its weights never change), then sample
-    ``cfg.images`` images with balanced classes."""
+    ``cfg.images`` images with balanced classes. Each call starts from a fresh initialisation drawn from the
+    running random state, so several calls give independent generators."""
     mean, std = _mean_std(torch.empty(0, device=device), pre_mean, pre_std)
 
     def normalise(pix):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from mapc.cli import main
 from mapc.errors import UserError
 from mapc.models import load_model
 from mapc.rows import ArrayRows
+from mapc.config import GENERATORS
 from mapc.synthesis import (INSIDE_FRACTION, NEIGHBOR_KINDS, NEIGHBOR_VARIANTS, BNProbe, NeighborRows, SynthesisConfig,
                             chroma, invert, neighbor_domains, separability)
 from tests.conftest import ROOT
@@ -182,6 +184,26 @@ def test_neighbor_strength_blends_toward_the_full_shift():
     np.testing.assert_allclose(again, full[[1, 3]], atol=1e-6)
 
 
+def test_each_generator_draws_the_images_and_they_differ():
+    m = calibrated_residual()
+    cfg = SynthesisConfig(method="generator", images=32, batch=32, steps=20)
+    x2, y2, stats = invert(m, "state_dict", (3, 16, 16), 10, replace(cfg, generators=2), 0, CPU, *HALF,
+                           progress=False)
+    x1, y1, _ = invert(m, "state_dict", (3, 16, 16), 10, replace(cfg, generators=1), 0, CPU, *HALF,
+                       progress=False)
+    assert x2.shape == (64, 3, 16, 16) and stats["generators"] == 2 and stats["images"] == 64
+    # the first generator is the one a single-generator synthesis trains; the second is another one
+    assert torch.equal(x2[:32], x1) and torch.equal(y2[:32], y1)
+    assert set(y2[32:].tolist()) == set(range(10)) and not torch.allclose(x2[32:], x1, atol=1e-3)
+
+
+def test_generators_default_per_mode():
+    assert SynthesisConfig().resolved_for("source-free").generators == GENERATORS["source-free"] == 2
+    assert SynthesisConfig().resolved_for("data-free").generators == 1
+    assert SynthesisConfig(generators=3).resolved_for("data-free").generators == 3
+    assert SynthesisConfig().resolved().generators == 1
+
+
 def test_neighbor_rows_refuse_inputs_too_large_to_draw_for():
     with pytest.raises(UserError, match="neighbor shifts draw at most"):
         NeighborRows(ArrayRows(np.zeros((1, 3, 2048, 2048), np.float32)), 0, 0, 0.1, 0.5, *HALF)
@@ -229,7 +251,7 @@ def test_mode_end_to_end_on_tiny_model(tmp_path, tiny_models, small_domains, mod
     assert sealed["mapc.learned_from"]["unauthorized"] == ("synthesized neighbor domains" if mode == "data-free"
                                                            else "real train rows")
     used = report["mask"]["config"]               # the mode's defaults reached the compile; --steps won
-    assert used["tie_break"] == "drop" and used["steps"] == 30
+    assert used["tie_break"] == ("drop" if mode == "data-free" else "top1-then-drop") and used["steps"] == 30
     assert used["probe_weight"] == (0.0 if mode == "data-free" else 2.0)
     assert all(("val_unauthorized_probe" in h) == (mode != "data-free")
                for h in report["mask"]["history"] if "val_source_drop" in h)

@@ -50,7 +50,7 @@ def test_selection_key_prefers_feasible_masks_then_protection_then_drop():
 
 def _selector_with(entries, budget=1.0, tie_break="top1"):
     """A CheckpointSelector fed (drop, figures, worst top-1, rows of the worst domain or of each domain)
-    records directly."""
+    records directly (the worst top-1's rows: those of the worst figure's domain)."""
     from mapc.config import MaskConfig
     sel = CheckpointSelector.__new__(CheckpointSelector)
     sel.cfg = MaskConfig(source_budget=budget, tie_break=tie_break)
@@ -59,7 +59,7 @@ def _selector_with(entries, budget=1.0, tie_break="top1"):
         worst = int(np.argmax(figures))
         n = rows[worst] if isinstance(rows, list) else rows
         sel.candidates.append(Checkpoint(selection_key(drop, figures, budget), standard_error(figures[worst], n),
-                                         top, step, {}))
+                                         top, step, {}, standard_error(top, n)))
         sel.candidates = sel.still_choosable()
     return sel
 
@@ -101,6 +101,16 @@ def test_the_drop_tie_break_chooses_the_lowest_drop_among_tied_checkpoints():
     # equal drops fall back to the lower worst top-1
     entries = [(0.3, [15.0], 12.0, 199), (0.3, [16.0], 11.0, 199)]
     assert _selector_with(entries, tie_break="drop").best().step == 1
+
+
+def test_the_top1_then_drop_tie_break_keeps_the_top1_ties_then_takes_the_lowest_drop():
+    # all three tied on the worst figure (a probe at 80 % on 199 rows: SE 2.8 points). Their top-1: 12.0,
+    # 20.0 and 13.0 (SE about 2.3 at 12 %): 0 and 2 are tied on it, 1 is not. "drop" takes 1 (the lowest
+    # drop, the highest top-1); "top1" takes 0; "top1-then-drop" takes 2, the lower drop of the two tied.
+    entries = [(0.6, [80.0, 12.0], 12.0, 199), (0.1, [81.0, 20.0], 20.0, 199), (0.3, [82.0, 13.0], 13.0, 199)]
+    assert _selector_with(entries, tie_break="drop").best().step == 1
+    assert _selector_with(entries, tie_break="top1").best().step == 0
+    assert _selector_with(entries, tie_break="top1-then-drop").best().step == 2
 
 
 def test_checkpoint_masks_round_trip_through_the_packed_bits():
