@@ -245,7 +245,7 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
     if not synthesized:
         auth, val_auth = selection_split(p.splits[p.auth_name].train)
     else:
-        from .synthesis import invert
+        from .synthesis import invert, spread
         synthesis = cfg.synthesis.resolved_for(p.mode)
         many = synthesis.method == "generator" and synthesis.generators > 1
         say(f"synthesizing {synthesis.images * (synthesis.generators if many else 1)} pseudo-authorized images "
@@ -256,7 +256,7 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
         say(f"synthesis: {stats['seconds']:.1f} s; BN-statistics mismatch {stats['bn_mismatch_synthetic']:.3f} "
             f"(Gaussian noise: {stats['bn_mismatch_noise']:.3f})")
         stats["feasibility"] = feasibility(cfg, p, stats)
-        preview = sx[:32].cpu()
+        preview = spread(sx, 32).cpu()
         auth, val_auth = selection_split(ArrayRows(sx.cpu().numpy(), sy.cpu().numpy()))
     with clock("mask_seconds"):
         unauth, val_unauth = unauthorized_rows(cfg, p, auth, val_auth, selection_split)

@@ -62,7 +62,7 @@ PROBE_WEIGHT = {"source-available": 2.0, "source-free": 2.0, "data-free": 0.0}
 # Default mask steps and checkpoint tie-break per mode. Source-free learns with 45 % of every layer locked and
 # on its hardest rows, and keeps breaking uci after 1,000 steps. Among checkpoints statistically tied on the
 # worst unauthorized figure (mapc.masking.CheckpointSelector), real authorized rows choose the lowest worst
-# top-1 (what a release gate measures); synthesized ones choose the lowest validation drop, because a drop
+# top-1 (what a release gate measures); data-free chooses the lowest validation drop, because a drop
 # measured on synthesized images (classified with near certainty) understates what real authorized rows
 # lose. Measured on the plain sample in source-free mode (default threads, seeds 0/1/2; samples/README.md,
 # "Later still"): 1,000 steps, top-1 tie-break: drop 1.80/1.70/1.45, uci 20.6/12.7/14.4 %; 1,500 steps,
@@ -163,18 +163,19 @@ SYNTHESIS_METHODS = ("generator", "pixels")
 # ``images``). Each generator settles on its own renderings of the digits; a mask kept on one generator's
 # images learns which weights those renderings need and drifts on the rest of the real authorized domain.
 # Plain sample, source-free, 8,192 images per generator (scratch runs, seeds 0/1/2/5, the second generator
-# the one another seed trains): real mnist drop 1.65/1.85/1.25/1.05 with two generators against
+# the one another seed's synthesis trains; the shipped code trains it from the same seed's random state,
+# measured in the README's modes table): real mnist drop 1.65/1.85/1.25/1.05 with two generators against
 # 1.95/1.80/1.65/1.65 with one, and the mean over each run's checkpoints after step 500 1.66/1.61/1.41/1.15
 # against 2.05/-/-/1.70. The same two generators at 4,096 images each (8,192 in all): 2.10/1.80 at seeds 0/5,
 # not better than one (samples/README.md, "Two generators"). Data-free keeps one: not measured with two.
-GENERATORS = {"source-available": 1, "source-free": 2, "data-free": 1}
 GENERATORS = {"source-available": 1, "source-free": 2, "data-free": 1}
 
 
 @dataclass
 class SynthesisConfig:
     """Model inversion settings (``mapc.synthesis``). ``batch``, ``steps`` and ``lr`` depend on the method
-    and default to its measured values when left unset (see ``resolved``)."""
+    and default to its measured values when left unset (see ``resolved``); ``generators`` depends on the
+    mode (``resolved_for``). With several generators ``images`` and ``steps`` are per generator."""
     method: str = "generator"   # "generator": a conditional generator; "pixels": per-image optimisation
     images: int = 2048          # synthetic pseudo-authorized images (per generator)
     batch: int | None = None    # generator: images per training step (64); pixels: images per batch (256)
@@ -196,6 +197,11 @@ class SynthesisConfig:
     def __post_init__(self):
         if self.method not in SYNTHESIS_METHODS:
             raise UserError(f"synthesis.method must be one of {', '.join(SYNTHESIS_METHODS)}, got {self.method!r}")
+        if self.generators is not None and not (isinstance(self.generators, int) and self.generators >= 1):
+            raise UserError(f"synthesis.generators must be a positive whole number, got {self.generators!r}")
+        if self.method == "pixels" and self.generators not in (None, 1):
+            raise UserError(f"synthesis.generators = {self.generators} needs method = \"generator\" (per-image "
+                            f"optimisation trains no generator); remove it or set method = \"generator\"")
         for name in ("neighbor_min_strength", "neighbor_compose"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"synthesis.{name} must be in [0, 1], got {getattr(self, name)!r}")
@@ -205,11 +211,13 @@ class SynthesisConfig:
         generator when ``generators`` is unset and no mode decided it: see ``resolved_for``)."""
         gen = self.method == "generator"
         return replace(self, batch=self.batch or (64 if gen else 256), steps=self.steps or (800 if gen else 100),
-                       lr=self.lr or (1e-3 if gen else 0.1), generators=self.generators or 1)
+                       lr=self.lr or (1e-3 if gen else 0.1), generators=1 if self.generators is None else self.generators)
 
     def resolved_for(self, mode: str) -> "SynthesisConfig":
-        """A copy with ``generators`` decided: an explicit value wins, otherwise the mode's GENERATORS."""
-        return replace(self, generators=GENERATORS[mode] if self.generators is None else self.generators)
+        """A copy with ``generators`` decided: an explicit value wins, otherwise the mode's GENERATORS (one
+        with per-image optimisation, which trains none)."""
+        default = GENERATORS[mode] if self.method == "generator" else 1
+        return replace(self, generators=default if self.generators is None else self.generators)
 
 
 MODES = ("source-available", "source-free", "data-free")

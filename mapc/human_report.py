@@ -78,7 +78,9 @@ def synthesis_lines(syn: dict | None) -> list[str]:
     if not syn:
         return []
     lines = ["", "## Synthesized authorized data", "",
-             f"{syn['images']} images by {syn.get('method', 'pixels')} inversion in {syn['seconds']:.1f} s; "
+             f"{syn['images']} images by {syn.get('method', 'pixels')} inversion"
+             + (f" ({syn['generators']} generators)" if syn.get("generators", 1) > 1 else "")
+             + f" in {syn['seconds']:.1f} s; "
              f"BN-statistics mismatch {syn['bn_mismatch_synthetic']:.3f} (Gaussian noise: "
              f"{syn['bn_mismatch_noise']:.3f})."]
     feas = syn.get("feasibility") or {}

@@ -92,8 +92,8 @@ wins (what a release gate measures), then the lowest drop (``tie_break`` "top1",
 authorized rows; "drop", the data-free default, takes the lowest drop first; "top1-then-drop", the
 source-free default, keeps those also within one standard error of the lowest worst top-1, then takes the
 lowest drop: with the probe in the figure nearly every checkpoint ties on it, and the lowest drop alone
-shipped early checkpoints whose uci top-1 had not come down yet, 19.8 % where later ones read 16.5 %,
-samples/README.md "Two generators"). With the probe
+shipped early checkpoints whose uci top-1 had not come down yet: 19.8 % at seed 5 where this rule ships
+16.5 %, samples/README.md "Two generators"). With the probe
 term off (``probe_weight`` 0, the data-free default) the figure is top-1 alone. Measured on the sample
 (default threads, seeds 0-4, test rows): worst top-1 12.3/11.2/13.2/12.8/12.3 -> 11.8/9.9/13.2/12.3/12.1 %, drop
 -0.10/-0.10/0.40/0.45/0.40 -> 0.15/0.35/0.40/0.50/0.65 points. Top-1 alone sits at chance at nearly
@@ -655,7 +655,7 @@ def optimizer_step(opt, sched, loss: torch.Tensor, masked: list[MaskedParam], cf
 @dataclass
 class Checkpoint:
     """One validated checkpoint: its ``selection_key``, the standard error of its worst figure, its worst
-    top-1 and its mask (bit-packed on the CPU)."""
+    top-1, its mask (bit-packed on the CPU) and the standard error of its worst top-1."""
     key: tuple
     se: float
     worst_top1: float

@@ -340,6 +340,10 @@ CASES = {
     "config_mode_unknown": lambda c: c.config("mode = \"weird\"\n"),
     "config_skip_audit": lambda c: c.config("skip_passes = [\"audit\"]\n"),
     "config_synthesis_images_zero": lambda c: c.config("[synthesis]\nimages = 0\n"),
+    "config_synthesis_generators_zero": lambda c: c.config("[synthesis]\ngenerators = 0\n"),
+    "config_synthesis_generators_float": lambda c: c.config("[synthesis]\ngenerators = 1.5\n"),
+    "config_synthesis_generators_string": lambda c: c.config("[synthesis]\ngenerators = \"two\"\n"),
+    "config_synthesis_generators_pixels": lambda c: c.config("[synthesis]\nmethod = \"pixels\"\ngenerators = 2\n"),
     # --- command-line flags ---
     "flag_steps_zero": lambda c: c.compile(extra=["--steps", "0"]),
     "flag_std_nan": lambda c: c.compile(extra=["--std", "nan"]),

@@ -184,11 +184,22 @@ def test_neighbor_strength_blends_toward_the_full_shift():
     np.testing.assert_allclose(again, full[[1, 3]], atol=1e-6)
 
 
-def test_each_generator_draws_the_images_and_they_differ():
+def test_each_generator_draws_the_images_and_they_differ(monkeypatch):
+    import mapc.synthesis as synthesis
+    built = []
+
+    class Recorded(synthesis.ConditionalGenerator):
+        def __init__(self, *args):
+            super().__init__(*args)
+            built.append({k: v.clone() for k, v in self.state_dict().items()})
+
     m = calibrated_residual()
     cfg = SynthesisConfig(method="generator", images=32, batch=32, steps=20)
+    monkeypatch.setattr(synthesis, "ConditionalGenerator", Recorded)
     x2, y2, stats = invert(m, "state_dict", (3, 16, 16), 10, replace(cfg, generators=2), 0, CPU, *HALF,
                            progress=False)
+    assert len(built) == 2 and not torch.equal(built[0]["project.weight"], built[1]["project.weight"])
+    monkeypatch.undo()
     x1, y1, _ = invert(m, "state_dict", (3, 16, 16), 10, replace(cfg, generators=1), 0, CPU, *HALF,
                        progress=False)
     assert x2.shape == (64, 3, 16, 16) and stats["generators"] == 2 and stats["images"] == 64
@@ -202,6 +213,11 @@ def test_generators_default_per_mode():
     assert SynthesisConfig().resolved_for("data-free").generators == 1
     assert SynthesisConfig(generators=3).resolved_for("data-free").generators == 3
     assert SynthesisConfig().resolved().generators == 1
+    assert SynthesisConfig(method="pixels").resolved_for("source-free").generators == 1
+    with pytest.raises(UserError, match="needs method"):
+        SynthesisConfig(method="pixels", generators=2)
+    with pytest.raises(UserError, match="positive whole number"):
+        SynthesisConfig(generators=0)
 
 
 def test_neighbor_rows_refuse_inputs_too_large_to_draw_for():
@@ -250,6 +266,8 @@ def test_mode_end_to_end_on_tiny_model(tmp_path, tiny_models, small_domains, mod
     assert sealed["mapc.learned_from"] == report["learned_from"]
     assert sealed["mapc.learned_from"]["unauthorized"] == ("synthesized neighbor domains" if mode == "data-free"
                                                            else "real train rows")
+    generators = 2 if mode == "source-free" else 1    # the mode's default reached the synthesis
+    assert report["synthesis"]["generators"] == generators and report["synthesis"]["images"] == 64 * generators
     used = report["mask"]["config"]               # the mode's defaults reached the compile; --steps won
     assert used["tie_break"] == ("drop" if mode == "data-free" else "top1-then-drop") and used["steps"] == 30
     assert used["probe_weight"] == (0.0 if mode == "data-free" else 2.0)
