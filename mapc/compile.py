@@ -246,7 +246,7 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
         auth, val_auth = selection_split(p.splits[p.auth_name].train)
     else:
         from .synthesis import invert, spread
-        synthesis = cfg.synthesis.resolved_for(p.mode)
+        synthesis = cfg.synthesis
         many = synthesis.method == "generator" and synthesis.generators > 1
         say(f"synthesizing {synthesis.images * (synthesis.generators if many else 1)} pseudo-authorized images "
             f"by model inversion ({synthesis.method}" + (f", {synthesis.generators} generators)" if many else ")"))

@@ -69,11 +69,12 @@ PROBE_WEIGHT = {"source-available": 2.0, "source-free": 2.0, "data-free": 0.0}
 # top-1: 2.05/1.65/2.20, uci 12.8/14.3/12.8 %; 1,500 steps, drop: 1.40/1.80/1.35, uci 16.3/19.0/14.7 % (scratch
 # replays). With these defaults, seeds 0-2: 1.50/1.55/1.35, uci 17.0/12.9/15.0 % on the machine they were chosen
 # on (out of sample the drop reached 2.05 at seed 5), 1.95/1.80/1.65, uci 15.8/13.0/13.7 % on the one the
-# README's modes table was measured on before source-free took two generators. With two generators
-# (GENERATORS) nearly every checkpoint ties on uci's probe (73-84 % on 199 rows) and the lowest drop shipped
-# early ones whose uci top-1 had not come down: scratch replays at seeds 0/1/2/5, "drop": drop
-# 1.65/1.85/1.25/1.05, uci 14.1/13.3/15.5/19.8 %; "top1-then-drop" (those also tied on top-1, then the lowest
-# drop): 1.60/1.85/1.25/1.05, uci 13.8/13.1/15.5/16.5 % (samples/README.md, "Two generators").
+# README's modes table was measured on. "top1-then-drop" (those also tied on the worst top-1, then the lowest
+# drop) is for runs whose probe figure ties nearly every checkpoint: with two generators (`[synthesis]
+# generators`) the lowest drop shipped early checkpoints whose uci top-1 had not come down (scratch replays,
+# seeds 0/1/2/5: uci 14.1/13.3/15.5/19.8 % with "drop", 13.8/13.1/15.5/16.5 % with it, drop 1.60-1.85 either
+# way); with one generator it changed nothing that matters (seeds 0/5: 2.00/1.65 against 1.95/1.65;
+# samples/README.md, "Two generators").
 STEPS = {"source-available": 1000, "source-free": 1500, "data-free": 1000}
 # Default source budget per mode: the points of validation source drop a chosen checkpoint may cost. In data-free
 # mode the validation rows are synthesized, and the neighbors are drawn down to a tenth of a shift's strength
@@ -84,7 +85,7 @@ STEPS = {"source-available": 1000, "source-free": 1500, "data-free": 1000}
 # lowest synthesized drop (seed 2: step 150, uci 40.3 %, before uci fell). Every checkpoint within 5 points read
 # real mnist within 2.95 points (samples/README.md, "Neighbors at every strength").
 SOURCE_BUDGET = {"source-available": 1.0, "source-free": 1.0, "data-free": 5.0}
-TIE_BREAK = {"source-available": "top1", "source-free": "top1-then-drop", "data-free": "drop"}
+TIE_BREAK = {"source-available": "top1", "source-free": "drop", "data-free": "drop"}
 TIE_BREAKS = ("top1", "drop", "top1-then-drop")
 
 
@@ -159,23 +160,13 @@ class MaskConfig:
 
 
 SYNTHESIS_METHODS = ("generator", "pixels")
-# Default number of independently trained generators per mode (``[synthesis] generators``; each draws
-# ``images``). Each generator settles on its own renderings of the digits; a mask kept on one generator's
-# images learns which weights those renderings need and drifts on the rest of the real authorized domain.
-# Plain sample, source-free, 8,192 images per generator (scratch runs, seeds 0/1/2/5, the second generator
-# the one another seed's synthesis trains; the shipped code trains it from the same seed's random state,
-# measured in the README's modes table): real mnist drop 1.65/1.85/1.25/1.05 with two generators against
-# 1.95/1.80/1.65/1.65 with one, and the mean over each run's checkpoints after step 500 1.66/1.61/1.41/1.15
-# against 2.05/-/-/1.70. The same two generators at 4,096 images each (8,192 in all): 2.10/1.80 at seeds 0/5,
-# not better than one (samples/README.md, "Two generators"). Data-free keeps one: not measured with two.
-GENERATORS = {"source-available": 1, "source-free": 2, "data-free": 1}
 
 
 @dataclass
 class SynthesisConfig:
     """Model inversion settings (``mapc.synthesis``). ``batch``, ``steps`` and ``lr`` depend on the method
-    and default to its measured values when left unset (see ``resolved``); ``generators`` depends on the
-    mode (``resolved_for``). With several generators ``images`` and ``steps`` are per generator."""
+    and default to its measured values when left unset (see ``resolved``). With several generators
+    ``images`` and ``steps`` are per generator."""
     method: str = "generator"   # "generator": a conditional generator; "pixels": per-image optimisation
     images: int = 2048          # synthetic pseudo-authorized images (per generator)
     batch: int | None = None    # generator: images per training step (64); pixels: images per batch (256)
@@ -189,17 +180,18 @@ class SynthesisConfig:
     l2_weight: float = 1e-3         # pixels only
     init_std: float = 0.2           # pixels only
     jitter: int = 2                 # random translation (pixels) of the batch at every step
-    generators: int | None = None   # generator: independently trained generators, each drawing ``images``;
-                                    # None: the mode's GENERATORS (2 in source-free mode, else 1)
+    generators: int = 1             # generator: independently trained generators, each drawing ``images``
+                                    # (two did not give source-free margin on the sample: samples/README.md,
+                                    # "Two generators")
     neighbor_min_strength: float = 0.1   # data-free: each neighbor row shifted at a strength in [this, 1]
     neighbor_compose: float = 0.5        # data-free: the probability a neighbor row gets a second shift
 
     def __post_init__(self):
         if self.method not in SYNTHESIS_METHODS:
             raise UserError(f"synthesis.method must be one of {', '.join(SYNTHESIS_METHODS)}, got {self.method!r}")
-        if self.generators is not None and not (isinstance(self.generators, int) and self.generators >= 1):
+        if not (isinstance(self.generators, int) and self.generators >= 1):
             raise UserError(f"synthesis.generators must be a positive whole number, got {self.generators!r}")
-        if self.method == "pixels" and self.generators not in (None, 1):
+        if self.method == "pixels" and self.generators != 1:
             raise UserError(f"synthesis.generators = {self.generators} needs method = \"generator\" (per-image "
                             f"optimisation trains no generator); remove it or set method = \"generator\"")
         for name in ("neighbor_min_strength", "neighbor_compose"):
@@ -207,17 +199,10 @@ class SynthesisConfig:
                 raise UserError(f"synthesis.{name} must be in [0, 1], got {getattr(self, name)!r}")
 
     def resolved(self) -> "SynthesisConfig":
-        """A copy with the method's defaults filled in for unset ``batch``, ``steps`` and ``lr`` (and one
-        generator when ``generators`` is unset and no mode decided it: see ``resolved_for``)."""
+        """A copy with the method's defaults filled in for unset ``batch``, ``steps`` and ``lr``."""
         gen = self.method == "generator"
         return replace(self, batch=self.batch or (64 if gen else 256), steps=self.steps or (800 if gen else 100),
-                       lr=self.lr or (1e-3 if gen else 0.1), generators=1 if self.generators is None else self.generators)
-
-    def resolved_for(self, mode: str) -> "SynthesisConfig":
-        """A copy with ``generators`` decided: an explicit value wins, otherwise the mode's GENERATORS (one
-        with per-image optimisation, which trains none)."""
-        default = GENERATORS[mode] if self.method == "generator" else 1
-        return replace(self, generators=default if self.generators is None else self.generators)
+                       lr=self.lr or (1e-3 if gen else 0.1))
 
 
 MODES = ("source-available", "source-free", "data-free")

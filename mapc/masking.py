@@ -89,11 +89,10 @@ feasible checkpoint with the lowest worst figure sets the bar; every feasible ch
 binomial standard error of it (on the worst domain's validation rows: uci's 199 rows in the sample give
 about 2.5 points at 15 %) is as good as far as the rows can tell, and among those the lowest worst top-1
 wins (what a release gate measures), then the lowest drop (``tie_break`` "top1", the default with real
-authorized rows; "drop", the data-free default, takes the lowest drop first; "top1-then-drop", the
-source-free default, keeps those also within one standard error of the lowest worst top-1, then takes the
-lowest drop: with the probe in the figure nearly every checkpoint ties on it, and the lowest drop alone
-shipped early checkpoints whose uci top-1 had not come down yet: 19.8 % at seed 5 where this rule ships
-16.5 %, samples/README.md "Two generators"). With the probe
+authorized rows; "drop", the default with synthesized ones, takes the lowest drop first; "top1-then-drop"
+keeps those also within one standard error of the lowest worst top-1, then takes the lowest drop: when
+the probe ties nearly every checkpoint, the lowest drop alone can ship an early one whose top-1 has not
+come down, samples/README.md "Two generators"). With the probe
 term off (``probe_weight`` 0, the data-free default) the figure is top-1 alone. Measured on the sample
 (default threads, seeds 0-4, test rows): worst top-1 12.3/11.2/13.2/12.8/12.3 -> 11.8/9.9/13.2/12.3/12.1 %, drop
 -0.10/-0.10/0.40/0.45/0.40 -> 0.15/0.35/0.40/0.50/0.65 points. Top-1 alone sits at chance at nearly

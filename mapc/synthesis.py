@@ -17,10 +17,10 @@ Two ways to produce x (``SynthesisConfig.method``):
   - "generator" (default): a small class-conditional generator G(z, y) is
     trained with the loss above on its own samples (G's convolutions are the
     smoothness prior, so no TV term); then ``images`` samples are drawn with
-    balanced classes. With ``generators`` = k (2 in source-free mode), k generators are trained one
-    after the other, each from its own initialisation, and each draws ``images``: one generator settles
-    on its own renderings of the classes, and a mask kept on them alone drifts on the rest of the real
-    authorized domain (samples/README.md, "Two generators"). Its images are strokes on a plain background for a model
+    balanced classes. With ``generators`` = k, k generators are trained one after the other, each from
+    its own initialisation, and each draws ``images`` (the first is the one a single-generator synthesis
+    trains); on the sample two did not give source-free margin (samples/README.md, "Two generators").
+    Its images are strokes on a plain background for a model
     trained on digits, where per-image optimisation gives high-frequency
     texture; measured on the plain sample model, a student distilled on them
     alone reaches 97.9-98.5 % on real mnist over seeds 0-2 (97.5 % for "pixels", seed 0) and the

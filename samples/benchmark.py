@@ -193,7 +193,7 @@ def modes_table(args) -> None:
             rep, _ = run(flags, args.out / f"{mode}-{seed}", config="digits_plain.toml")
             dom, t = rep["domains"], rep["timings"]
             fid = None
-            if mode != "source-available":   # the first generator's images: data-free's, source-free's first half
+            if mode != "source-available":   # both modes synthesize the same images for a seed
                 fid = fid_cache[seed] = fid_cache.get(seed) or fidelity(rep, seed)
             row = {"drop": rep["source_drop"], **{d: dom[d]["protected_acc"] for d in PLAIN_DOMAINS},
                    "fidelity": fid, "total": t["total_seconds"]}
@@ -229,8 +229,7 @@ def modes_table(args) -> None:
 
 def fidelity(report: dict, seed: int) -> float:
     """Student fidelity of the compile's synthesized data: the same synthesis (digits_plain.toml's settings,
-    seed, one generator: data-free's images, the first half of source-free's) repeated, a fresh DigitsCNN
-    distilled on it alone, measured on the real mnist test rows."""
+    seed) repeated, a fresh DigitsCNN distilled on it alone, measured on the real mnist test rows."""
     import torch
 
     sys.path.insert(0, str(HERE.parent))

@@ -154,7 +154,8 @@ def test_keep_salient_resolves_by_where_the_authorized_rows_come_from():
     assert MaskConfig(steps=7).resolved_for("source-free").steps == 7
     assert sa.source_budget == sf.source_budget == 1.0 and df.source_budget == 5.0
     assert MaskConfig(source_budget=0.5).resolved_for("data-free").source_budget == 0.5
-    assert sa.tie_break == "top1" and sf.tie_break == "top1-then-drop" and df.tie_break == "drop"
+    assert sa.tie_break == "top1" and sf.tie_break == df.tie_break == "drop"
+    assert MaskConfig(tie_break="top1-then-drop").resolved_for("source-free").tie_break == "top1-then-drop"
     with pytest.raises(UserError, match="mask.tie_break"):
         MaskConfig(tie_break="worst")
     with pytest.raises(UserError, match="mask.source_budget"):

@@ -13,7 +13,6 @@ from mapc.cli import main
 from mapc.errors import UserError
 from mapc.models import load_model
 from mapc.rows import ArrayRows
-from mapc.config import GENERATORS
 from mapc.synthesis import (INSIDE_FRACTION, NEIGHBOR_KINDS, NEIGHBOR_VARIANTS, BNProbe, NeighborRows, SynthesisConfig,
                             chroma, invert, neighbor_domains, separability)
 from tests.conftest import ROOT
@@ -208,12 +207,8 @@ def test_each_generator_draws_the_images_and_they_differ(monkeypatch):
     assert set(y2[32:].tolist()) == set(range(10)) and not torch.allclose(x2[32:], x1, atol=1e-3)
 
 
-def test_generators_default_per_mode():
-    assert SynthesisConfig().resolved_for("source-free").generators == GENERATORS["source-free"] == 2
-    assert SynthesisConfig().resolved_for("data-free").generators == 1
-    assert SynthesisConfig(generators=3).resolved_for("data-free").generators == 3
-    assert SynthesisConfig().resolved().generators == 1
-    assert SynthesisConfig(method="pixels").resolved_for("source-free").generators == 1
+def test_generators_are_validated():
+    assert SynthesisConfig().generators == 1 and SynthesisConfig(generators=3).resolved().generators == 3
     with pytest.raises(UserError, match="needs method"):
         SynthesisConfig(method="pixels", generators=2)
     with pytest.raises(UserError, match="positive whole number"):
@@ -266,10 +261,9 @@ def test_mode_end_to_end_on_tiny_model(tmp_path, tiny_models, small_domains, mod
     assert sealed["mapc.learned_from"] == report["learned_from"]
     assert sealed["mapc.learned_from"]["unauthorized"] == ("synthesized neighbor domains" if mode == "data-free"
                                                            else "real train rows")
-    generators = 2 if mode == "source-free" else 1    # the mode's default reached the synthesis
-    assert report["synthesis"]["generators"] == generators and report["synthesis"]["images"] == 64 * generators
+    assert report["synthesis"]["generators"] == 1 and report["synthesis"]["images"] == 64
     used = report["mask"]["config"]               # the mode's defaults reached the compile; --steps won
-    assert used["tie_break"] == ("drop" if mode == "data-free" else "top1-then-drop") and used["steps"] == 30
+    assert used["tie_break"] == "drop" and used["steps"] == 30
     assert used["probe_weight"] == (0.0 if mode == "data-free" else 2.0)
     assert all(("val_unauthorized_probe" in h) == (mode != "data-free")
                for h in report["mask"]["history"] if "val_source_drop" in h)
