@@ -246,11 +246,10 @@ def learn(cfg: CompileConfig, p: Prepared, clock: Clock, say, progress: bool) ->
         auth, val_auth = selection_split(p.splits[p.auth_name].train)
     else:
         from .synthesis import invert, spread
-        synthesis = cfg.synthesis
-        many = synthesis.method == "generator" and synthesis.generators > 1
-        say(f"synthesizing {synthesis.images * (synthesis.generators if many else 1)} pseudo-authorized images "
-            f"by model inversion ({synthesis.method}" + (f", {synthesis.generators} generators)" if many else ")"))
-        sx, sy, stats = invert(module, p.loaded.format, cfg.preprocess.input_shape, p.num_classes, synthesis,
+        syn = cfg.synthesis              # generators > 1 only with method "generator" (SynthesisConfig)
+        say(f"synthesizing {syn.images * syn.generators} pseudo-authorized images by model inversion "
+            f"({syn.method}" + (f", {syn.generators} generators)" if syn.generators > 1 else ")"))
+        sx, sy, stats = invert(module, p.loaded.format, cfg.preprocess.input_shape, p.num_classes, syn,
                                cfg.seed, p.device, cfg.preprocess.mean, cfg.preprocess.std, progress=progress)
         clock.seconds["synthesis_seconds"] = stats["seconds"]
         say(f"synthesis: {stats['seconds']:.1f} s; BN-statistics mismatch {stats['bn_mismatch_synthetic']:.3f} "

@@ -72,8 +72,8 @@ PROBE_WEIGHT = {"source-available": 2.0, "source-free": 2.0, "data-free": 0.0}
 # README's modes table was measured on. "top1-then-drop" (those also tied on the worst top-1, then the lowest
 # drop) is for runs whose probe figure ties nearly every checkpoint: with two generators (`[synthesis]
 # generators`) the lowest drop shipped early checkpoints whose uci top-1 had not come down (scratch replays,
-# seeds 0/1/2/5: uci 14.1/13.3/15.5/19.8 % with "drop", 13.8/13.1/15.5/16.5 % with it, drop 1.60-1.85 either
-# way); with one generator it changed nothing that matters (seeds 0/5: 2.00/1.65 against 1.95/1.65;
+# seeds 0/1/2/5: uci 14.1/13.3/15.5/19.8 % with "drop", 13.8/13.1/15.5/16.5 % with it, drop 1.65/1.85/1.25/1.05
+# and 1.60/1.85/1.25/1.05); with one generator it changed nothing that matters (seeds 0/5: 2.00/1.65 against 1.95/1.65;
 # samples/README.md, "Two generators").
 STEPS = {"source-available": 1000, "source-free": 1500, "data-free": 1000}
 # Default source budget per mode: the points of validation source drop a chosen checkpoint may cost. In data-free

@@ -167,7 +167,6 @@ def _total_steps(cfg: SynthesisConfig) -> int:
     return cfg.steps * ((cfg.images + cfg.batch - 1) // cfg.batch)
 
 
-
 def balanced_labels(n: int, num_classes: int, g: torch.Generator) -> torch.Tensor:
     """``n`` class targets, every class as often as possible, in a random order."""
     return (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
