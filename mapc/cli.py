@@ -99,7 +99,7 @@ def main():
 @click.option("--steps", type=int, help="Mask-learning steps (default 1,000; 1,500 in source-free mode).")
 @click.option("--keep-salient", type=float, metavar="F",
               help="Lock the fraction F of each layer's weights most salient for the authorized (or synthesized) "
-                   "rows: never pruned. Default 0 with real authorized rows; 0.45 source-free, 0.35 data-free.")
+                   "rows: never pruned. Default 0 with real authorized rows; 0.35 source-free and data-free.")
 @click.option("--input-size", type=int, nargs=2, metavar="H W", help="Model input size.")
 @click.option("--channels", type=click.Choice(["1", "3"]), help="Model input channels.")
 @click.option("--mean", type=str, metavar="M[,M,M]", help="Per-channel mean after scaling pixels to [0,1].")

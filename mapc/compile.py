@@ -289,9 +289,6 @@ def loader_workers(cfg: CompileConfig, p: Prepared) -> int:
 
 
 def check_distributed(mask_cfg: MaskConfig, dist) -> None:
-    if dist is not None and mask_cfg.feature_weight > 0:
-        raise UserError("mask.feature_weight > 0 is not supported with several processes; set it to 0 or run "
-                        "one process")
     if dist is not None:
         distributed.check_batch_split(mask_cfg.batch_size, dist.world)
 

@@ -51,9 +51,18 @@ true class does not stay on top of a near-uniform output (what accuracy
 measures); u is ``uniform_weight`` (default 1). Without authorized labels the CE term is dropped. With
 ``adaptive_domains`` (default) each unauthorized domain's term is weighted by
 its current batch accuracy (+1/C), normalised to mean 1 (w_k), so the domain still
-recognised gets the push. Optional: ``feature_weight`` adds the normalised
-squared distance between masked and frozen BatchNorm inputs on authorized
-batches (meant for synthesized data).
+recognised gets the push.
+
+Feature keeping (``feature_weight`` phi; 3 in source-free mode, 0 otherwise, ``config.FEATURE_WEIGHT``) adds
+
+    phi * mean_l ||F_M^l(xa) - F_s^l(xa)||^2 / ||F_s^l(xa)||^2
+
+to the authorized side, F^l being the input of the l-th BatchNorm layer (``mapc.taps``) on the step's
+authorized rows. The logits of a synthesized image say little about the rest of the frozen model's
+function: a mask can keep them and still move the features that real authorized rows near a class
+border depend on, which is where source-free lost its real drop. Held to the frozen features on the
+synthesized rows, the mask keeps more of that function, and the lock can be lowered to give the mask
+room against the unauthorized rows (samples/README.md, "Feature keeping").
 
 Hard authorized rows (``hard_keep`` = k, default 8 in source-free mode, 1 = off otherwise): each
 step draws k times the batch of authorized rows and keeps the batch_size rows on which the current
@@ -418,13 +427,20 @@ def standard_error(percent: float, rows: int) -> float:
     return 100.0 * math.sqrt(p * (1.0 - p) / max(rows, 1))
 
 
-def feature_loss(masked_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], n: int) -> torch.Tensor:
-    """Mean over layers of the normalised squared distance of the first ``n`` rows' features."""
-    total = 0.0
-    for fm, ft in zip(masked_feats, teacher_feats):
-        fm, ft = fm[:n], ft[:n]
-        total = total + (fm - ft).pow(2).mean() / (ft.pow(2).mean() + 1e-8)
-    return total / max(len(teacher_feats), 1)
+def feature_loss(masked_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], dist=None) -> torch.Tensor:
+    """Mean over BatchNorm layers of ||F_M - F_s||^2 / ||F_s||^2 on the authorized rows: the masked model's
+    inputs to the layer (``masked_feats``: the step's forward, authorized rows first) against the frozen
+    model's (``teacher_feats``, those rows only). With several processes each rank sums its own rows'
+    distances and the denominators are summed over ranks (one all-reduce), so the score gradients summed
+    over ranks are the single-process ones; the value is then this rank's share of the term."""
+    if not teacher_feats:
+        return torch.zeros(())
+    nums = [(fm[:len(ft)] - ft).pow(2).sum() for fm, ft in zip(masked_feats, teacher_feats)]
+    dens = torch.stack([torch.stack([ft.pow(2).sum(), torch.tensor(float(ft.numel()), device=ft.device)])
+                        for ft in teacher_feats])                       # layers x (sum of squares, count)
+    if dist is not None:
+        dist.sum_([dens])
+    return sum(n / (d[0] + 1e-8 * d[1]) for n, d in zip(nums, dens)) / len(teacher_feats)
 
 
 def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: MaskConfig,
@@ -442,6 +458,10 @@ def learn_mask(module: torch.nn.Module, data: TrainData, num_classes: int, cfg: 
     cfg = cfg.resolved_for("source-available")
     tap_ctx = BatchNormTap(module) if cfg.feature_weight > 0 else contextlib.nullcontext()
     with tap_ctx as tap:
+        if tap is not None and not tap.found:
+            from .errors import UserError
+            raise UserError(f"mask.feature_weight = {cfg.feature_weight} keeps BatchNorm inputs, and the model has no "
+                            "BatchNorm layer mapc can observe; set mask.feature_weight = 0")
         return _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm, workers, dist)
 
 
@@ -481,7 +501,7 @@ def _learn(module, data, num_classes, cfg, seed, device, progress, tap, tqdm, wo
             logits = gathered_logits(local, batch, dist)
             masked_feats = [x for x, _, _ in tap.take()] if tap is not None else None
             loss_src, loss_tgt = step_loss(logits, batch, cfg, num_classes, masked_feats, teacher_feats,
-                                           data.unauth_weights)
+                                           data.unauth_weights, dist)
             optimizer_step(opt, sched, cfg.source_weight * loss_src + lam * loss_tgt, masked, cfg,
                            local, logits, batch, dist)
             if step >= ramp and (step % cfg.eval_every == 0 or step == cfg.steps - 1):
@@ -607,7 +627,8 @@ def unauthorized_loss(zu: torch.Tensor, yu: torch.Tensor, cfg: MaskConfig, num_c
 
 
 def step_loss(logits: torch.Tensor, batch: Batch, cfg: MaskConfig, num_classes: int,
-              masked_feats, teacher_feats, fixed_weights: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              masked_feats, teacher_feats, fixed_weights: list[float] | None = None,
+              dist=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(source loss, target loss) of one step; the caller weighs them with source_weight and lambda(t)."""
     bs = len(batch.teacher)
     za = logits[:bs]
@@ -615,7 +636,7 @@ def step_loss(logits: torch.Tensor, batch: Batch, cfg: MaskConfig, num_classes: 
     if batch.auth_y_given is not None:
         loss_src = loss_src + F.cross_entropy(za, batch.auth_y_given)
     if teacher_feats is not None:
-        loss_src = loss_src + cfg.feature_weight * feature_loss(masked_feats, teacher_feats, bs)
+        loss_src = loss_src + cfg.feature_weight * feature_loss(masked_feats, teacher_feats, dist)
     zus = [logits[bs * (k + 1): bs * (k + 2)] for k in range(len(batch.unauth_y))]
     if not zus:
         return loss_src, torch.zeros((), device=logits.device)
@@ -635,9 +656,10 @@ def optimizer_step(opt, sched, loss: torch.Tensor, masked: list[MaskedParam], cf
                    local=None, logits=None, batch: Batch | None = None, dist=None) -> None:
     """Backpropagate to the effective weights, chain to the scores, RMS-normalise (sgd), step. With several
     processes the loss's gradient on the gathered logits goes back through this rank's rows only, and the
-    score gradients are summed over ranks (``mapc.distributed``)."""
+    score gradients are summed over ranks (``mapc.distributed``); the feature term is already this rank's
+    rows' share, reaching the same forward graph, which the first backward therefore keeps."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward(retain_graph=dist is not None and cfg.feature_weight > 0)
     if dist is not None:
         local.backward(dist.local_part(logits.grad, batch.shares()))
     backprop_scores(masked, cfg.temperature)

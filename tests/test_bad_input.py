@@ -330,6 +330,8 @@ CASES = {
     "config_granularity_unknown": lambda c: c.config("[mask]\ngranularity = \"bogus\"\n"),
     "config_tie_break_unknown": lambda c: c.config("[mask]\ntie_break = \"worst\"\n"),
     "config_tie_break_number": lambda c: c.config("[mask]\ntie_break = 1\n"),
+    "config_feature_weight_negative": lambda c: c.config("[mask]\nfeature_weight = -1.0\n"),
+    "config_feature_weight_without_batchnorm": lambda c: c.config("[mask]\nfeature_weight = 1.0\nsteps = 5\n"),
     "config_source_budget_nan": lambda c: c.config("[mask]\nsource_budget = nan\n"),
     "config_probe_weight_negative": lambda c: c.config("[mask]\nprobe_weight = -1.0\n"),
     "config_gate_200": lambda c: c.config("[gates]\nmax_target_acc = 200\n"),

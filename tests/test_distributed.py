@@ -48,11 +48,14 @@ def test_two_gloo_processes_learn_the_single_process_mask(tmp_path, tiny_models,
 
 
 def test_source_free_hard_rows_with_two_processes_match_one(tmp_path, tiny_models, small_domains):
-    """Source-free learning mines hard authorized rows: every process holds all candidates, then its share."""
+    """Source-free learning mines hard authorized rows (every process holds all candidates, then its share) and
+    keeps the frozen model's BatchNorm inputs on them (each process its rows' distances, the norm summed)."""
     common = ["compile", str(tiny_models["residual"]["export"]), "--unauthorized", f"syn={small_domains['syn']}",
               "--mode", "source-free", "--input-size", "16", "16", "--steps", "30", "--no-gates", "-q"]
     runs = [run_mapc([*common, "-o", str(tmp_path / str(n)), "--nproc", str(n)]) for n in (1, 2)]
     assert all(r.returncode == 0 for r in runs), runs[1].stderr
+    report = json.loads((tmp_path / "2" / "report.json").read_text())
+    assert report["mask"]["processes"] == 2 and report["mask"]["config"]["feature_weight"] > 0
     a, b = (zeros(tmp_path / str(n) / "protected.onnx") for n in (1, 2))
     assert sum(int((a[k] != b[k]).sum()) for k in a) / sum(a[k].size for k in a) < 0.01
 

@@ -137,7 +137,7 @@ def test_salient_weights_are_locked_and_never_pruned(granularity):
 
 def test_keep_salient_resolves_by_where_the_authorized_rows_come_from():
     from mapc.errors import UserError
-    from mapc.config import KEEP_SALIENT
+    from mapc.config import FEATURE_WEIGHT, KEEP_SALIENT
     assert MaskConfig().resolved_for("source-available").keep_salient == 0.0
     assert MaskConfig().resolved_for("source-free").keep_salient == KEEP_SALIENT["source-free"] > 0
     assert MaskConfig().resolved_for("data-free").keep_salient == KEEP_SALIENT["data-free"] > 0
@@ -156,6 +156,8 @@ def test_keep_salient_resolves_by_where_the_authorized_rows_come_from():
     assert MaskConfig(source_budget=0.5).resolved_for("data-free").source_budget == 0.5
     assert sa.tie_break == "top1" and sf.tie_break == df.tie_break == "drop"
     assert MaskConfig(tie_break="top1-then-drop").resolved_for("source-free").tie_break == "top1-then-drop"
+    assert sa.feature_weight == df.feature_weight == 0.0 and sf.feature_weight == FEATURE_WEIGHT["source-free"] > 0
+    assert MaskConfig(feature_weight=0.0).resolved_for("source-free").feature_weight == 0.0
     with pytest.raises(UserError, match="mask.tie_break"):
         MaskConfig(tie_break="worst")
     with pytest.raises(UserError, match="mask.source_budget"):

@@ -171,6 +171,53 @@ def test_mask_config_refuses_a_negative_collapse_weight():
         MaskConfig(collapse_weight=-1.0)
 
 
+def test_mask_config_refuses_a_negative_feature_weight():
+    from mapc.config import MaskConfig
+    from mapc.errors import UserError
+    with pytest.raises(UserError, match="feature_weight"):
+        MaskConfig(feature_weight=-0.5)
+
+
+def test_feature_loss_is_the_relative_squared_distance_of_the_authorized_rows():
+    from mapc.masking import feature_loss
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 6, generator=g)]
+    masked = [torch.cat([t + 0.1 * torch.randn(t.shape, generator=g), 9 * torch.ones_like(t)]) for t in teacher]
+    for m in masked:                                    # unauthorized rows follow the authorized ones: ignored
+        m.requires_grad_(True)
+    loss = feature_loss(masked, teacher)
+    want = sum(((m[:4] - t).pow(2).mean() / t.pow(2).mean()).item() for m, t in zip(masked, teacher)) / 2
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert float(feature_loss([t.clone() for t in teacher], teacher)) == 0.0
+    loss.backward()
+    assert masked[0].grad[:4].abs().sum() > 0 and masked[0].grad[4:].abs().sum() == 0
+
+
+def test_feature_loss_split_over_processes_sums_to_the_single_process_gradient():
+    from mapc.masking import feature_loss
+    g = torch.Generator().manual_seed(1)
+    teacher = [torch.randn(8, 3, 4, 4, generator=g), torch.randn(8, 5, generator=g)]
+    masked = [(t + 0.3 * torch.randn(t.shape, generator=g)).requires_grad_(True) for t in teacher]
+    feature_loss(masked, teacher).backward()
+
+    class TwoRanks:      # all_reduce of the denominators: adds what the other rank holds
+        def __init__(self, other):
+            self.other = other
+
+        def sum_(self, tensors):
+            (t,) = tensors
+            t += self.other
+
+    for r in (0, 1):
+        rows, others = slice(4 * r, 4 * r + 4), slice(4 - 4 * r, 8 - 4 * r)
+        dens = torch.stack([torch.stack([t[others].pow(2).sum(), torch.tensor(float(t[others].numel()))])
+                            for t in teacher])
+        part = [m.detach()[rows].clone().requires_grad_(True) for m in masked]
+        feature_loss(part, [t[rows] for t in teacher], TwoRanks(dens)).backward()
+        for p, m in zip(part, masked):
+            torch.testing.assert_close(p.grad, m.grad[rows], rtol=1e-5, atol=1e-7)
+
+
 def test_preprocess_apply_is_the_documented_formula():
     grey = np.array([[[0, 255], [51, 102]]], np.uint8)                 # 1x2x2 grey
     pre = Preprocess(size=(2, 2), channels=3, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
