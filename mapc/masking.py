@@ -433,8 +433,6 @@ def feature_loss(masked_feats: list[torch.Tensor], teacher_feats: list[torch.Ten
     model's (``teacher_feats``, those rows only). With several processes each rank sums its own rows'
     distances and the denominators are summed over ranks (one all-reduce), so the score gradients summed
     over ranks are the single-process ones; the value is then this rank's share of the term."""
-    if not teacher_feats:
-        return torch.zeros(())
     nums = [(fm[:len(ft)] - ft).pow(2).sum() for fm, ft in zip(masked_feats, teacher_feats)]
     dens = torch.stack([torch.stack([ft.pow(2).sum(), torch.tensor(float(ft.numel()), device=ft.device)])
                         for ft in teacher_feats])                       # layers x (sum of squares, count)
